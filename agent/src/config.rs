@@ -1,0 +1,106 @@
+//! The agent's configuration: flags with environment fallbacks.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "flotilla-agent",
+    version,
+    about = "The Flotilla agent: one per droplet"
+)]
+pub struct AgentArgs {
+    /// The control plane's agent port, e.g. https://cp.example.com:7443.
+    #[arg(long, env = "FLOTILLA_CONTROL_PLANE")]
+    pub control_plane: String,
+    /// The droplet's client certificate (PEM). Default: <state-dir>/agent.crt.
+    #[arg(long, env = "FLOTILLA_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The droplet's private key (PEM). Default: <state-dir>/agent.key.
+    #[arg(long, env = "FLOTILLA_KEY")]
+    pub key: Option<PathBuf>,
+    /// The fleet CA the control plane's certificate must chain to. Default: <state-dir>/ca.crt.
+    #[arg(long, env = "FLOTILLA_CA")]
+    pub ca: Option<PathBuf>,
+    /// The name to verify in the control plane's certificate. Default: the URL's host.
+    #[arg(long, env = "FLOTILLA_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Where the agent keeps its credentials and records.
+    #[arg(
+        long,
+        env = "FLOTILLA_STATE_DIR",
+        default_value = "/var/lib/flotilla-agent"
+    )]
+    pub state_dir: PathBuf,
+    /// The local Docker engine's socket.
+    #[arg(
+        long,
+        env = "FLOTILLA_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: String,
+    /// First reconnect delay ceiling; it doubles per failure up to --max-backoff.
+    #[arg(long, env = "FLOTILLA_INITIAL_BACKOFF", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub initial_backoff: Duration,
+    #[arg(long, env = "FLOTILLA_MAX_BACKOFF", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+}
+
+impl AgentArgs {
+    pub fn cert_path(&self) -> PathBuf {
+        self.cert
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("agent.crt"))
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("agent.key"))
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.ca
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("ca.crt"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_default_to_the_state_dir() -> Result<(), clap::Error> {
+        let args = AgentArgs::try_parse_from([
+            "flotilla-agent",
+            "--control-plane",
+            "https://cp:7443",
+            "--state-dir",
+            "/s",
+        ])?;
+        assert_eq!(args.cert_path(), PathBuf::from("/s/agent.crt"));
+        assert_eq!(args.key_path(), PathBuf::from("/s/agent.key"));
+        assert_eq!(args.ca_path(), PathBuf::from("/s/ca.crt"));
+        assert_eq!(args.docker_socket, "/var/run/docker.sock");
+        assert_eq!(args.initial_backoff, Duration::from_millis(500));
+        assert_eq!(args.max_backoff, Duration::from_secs(60));
+        Ok(())
+    }
+
+    #[test]
+    fn the_control_plane_is_required_and_named_when_missing() {
+        let err = AgentArgs::try_parse_from(["flotilla-agent"]).expect_err("required");
+        assert!(err.to_string().contains("--control-plane"), "{err}");
+        let err = AgentArgs::try_parse_from([
+            "flotilla-agent",
+            "--control-plane",
+            "x",
+            "--max-backoff",
+            "forever",
+        ])
+        .expect_err("not a duration");
+        assert!(err.to_string().contains("--max-backoff"), "{err}");
+    }
+}

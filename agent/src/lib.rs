@@ -1,0 +1,10 @@
+//! The Flotilla agent: one per droplet. It dials out to the control plane over mutual
+//! TLS, reports its host and keeps the session alive.
+
+pub mod backoff;
+pub mod config;
+pub mod docker;
+pub mod host;
+pub mod link;
+
+pub use link::{AgentConfig, Credentials, run};

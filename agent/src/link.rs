@@ -1,0 +1,377 @@
+//! The agent's link to the control plane: dial out, hold one session, heartbeat at the
+//! pace the control plane sets, and reconnect forever with capped, jittered back-off.
+
+use std::{error::Error as StdError, time::Duration};
+
+use anyhow::Context as _;
+use flotilla::{
+    DropletId,
+    proto::{
+        AgentMessage, CommandResult, ControlMessage, Goodbye, Heartbeat, Hello,
+        agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
+    },
+    protocol,
+};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::{
+    backoff::{Backoff, worth_logging},
+    docker::Engine,
+    host::HostProbe,
+};
+
+/// The control plane must answer `Hello` within this.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// A session that lasted this long resets the back-off.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Used until `Welcome` says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The agent's credentials: its certificate and key, and the CA it trusts (PEM).
+#[derive(Clone)]
+pub struct Credentials {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
+
+/// Everything a running agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub control_plane: String,
+    pub server_name: Option<String>,
+    pub credentials: Credentials,
+    pub docker_socket: String,
+    pub disk_path: std::path::PathBuf,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum Ended {
+    /// We were asked to stop.
+    Shutdown,
+    /// The control plane said goodbye.
+    Goodbye(Goodbye),
+    /// Anything else: refused, broken, timed out.
+    Failed(anyhow::Error),
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let endpoint = endpoint(&config)?;
+    let mut agent = Agent {
+        host: HostProbe::new(config.disk_path.clone()),
+        engine: Engine::new(&config.docker_socket),
+        droplet: None,
+    };
+    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let (ended, welcomed) = agent.session(&endpoint, &shutdown).await;
+        if welcomed && started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+            failures = 0;
+        }
+        let delay = match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::Goodbye(goodbye) => {
+                let hint = goodbye
+                    .reconnect_after
+                    .and_then(|d| Duration::try_from(d).ok());
+                match goodbye.reason() {
+                    Reason::IncompatibleProtocol => tracing::error!(
+                        required = %goodbye.required_protocol.unwrap_or_default(),
+                        "the control plane refused this agent's protocol: {}", goodbye.message
+                    ),
+                    Reason::Revoked => tracing::error!(
+                        "the control plane revoked this droplet: {}",
+                        goodbye.message
+                    ),
+                    reason => tracing::info!(
+                        ?reason,
+                        ?hint,
+                        "the control plane said goodbye: {}",
+                        goodbye.message
+                    ),
+                }
+                if !welcomed {
+                    failures += 1;
+                }
+                // The hint is a floor: honour it, but never dial sooner than back-off says
+                // after repeated failures.
+                let backoff_delay = if welcomed {
+                    Duration::ZERO
+                } else {
+                    backoff.next_delay()
+                };
+                hint.unwrap_or(Duration::ZERO)
+                    .max(backoff_delay)
+                    .max(Duration::from_millis(1))
+            }
+            Ended::Failed(error) => {
+                failures += 1;
+                let delay = backoff.next_delay();
+                if worth_logging(failures) {
+                    tracing::warn!(failures, retry_in = ?delay, "no session with the control plane: {error:#}");
+                } else {
+                    tracing::debug!(failures, retry_in = ?delay, "no session with the control plane: {error:#}");
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn endpoint(config: &AgentConfig) -> anyhow::Result<Endpoint> {
+    let uri: http::Uri = config.control_plane.parse().with_context(|| {
+        format!(
+            "--control-plane {:?} is not a URL like https://cp.example.com:7443",
+            config.control_plane
+        )
+    })?;
+    if uri.scheme_str() != Some("https") {
+        anyhow::bail!("--control-plane must be an https:// URL: the session is always TLS");
+    }
+    let host = uri.host().context("--control-plane has no host")?;
+    let server_name = config
+        .server_name
+        .clone()
+        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+    let credentials = &config.credentials;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
+        .identity(Identity::from_pem(
+            &credentials.cert_pem,
+            &credentials.key_pem,
+        ))
+        .domain_name(server_name);
+    Ok(Endpoint::from(uri)
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true))
+}
+
+/// The full cause of an error, for logs (tonic's transport errors hide the TLS reason).
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+struct Agent {
+    host: HostProbe,
+    engine: Engine,
+    /// Learned from `Welcome`.
+    droplet: Option<DropletId>,
+}
+
+struct Wire {
+    tx: mpsc::Sender<AgentMessage>,
+    seq: u64,
+}
+
+impl Wire {
+    async fn send(&mut self, kind: agent_message::Kind) -> anyhow::Result<()> {
+        self.seq += 1;
+        self.tx
+            .send(AgentMessage {
+                seq: self.seq,
+                kind: Some(kind),
+            })
+            .await
+            .context("the session's outbound stream closed")
+    }
+}
+
+impl Agent {
+    /// One session, from dial to end. Returns how it ended and whether `Welcome` came.
+    async fn session(
+        &mut self,
+        endpoint: &Endpoint,
+        shutdown: &CancellationToken,
+    ) -> (Ended, bool) {
+        let mut welcomed = false;
+        let ended = tokio::select! {
+            () = shutdown.cancelled() => Ended::Shutdown,
+            ended = self.session_inner(endpoint, shutdown, &mut welcomed) => ended,
+        };
+        (ended, welcomed)
+    }
+
+    async fn session_inner(
+        &mut self,
+        endpoint: &Endpoint,
+        shutdown: &CancellationToken,
+        welcomed: &mut bool,
+    ) -> Ended {
+        let channel: Channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(error) => {
+                return Ended::Failed(anyhow::anyhow!(
+                    "dialling {}: {}",
+                    endpoint.uri(),
+                    chain(&error)
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let mut wire = Wire { tx, seq: 0 };
+        if let Err(error) = wire
+            .send(agent_message::Kind::Hello(self.hello().await))
+            .await
+        {
+            return Ended::Failed(error);
+        }
+        let mut client = AgentGatewayClient::new(channel);
+        let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Ended::Failed(anyhow::anyhow!("opening the session: {}", chain(&status)));
+            }
+        };
+
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await;
+        let welcome = match first {
+            Ok(Ok(Some(ControlMessage {
+                kind: Some(control_message::Kind::Welcome(welcome)),
+            }))) => welcome,
+            Ok(Ok(Some(ControlMessage {
+                kind: Some(control_message::Kind::Goodbye(goodbye)),
+            }))) => {
+                return Ended::Goodbye(goodbye);
+            }
+            Ok(Ok(Some(other))) => {
+                return Ended::Failed(anyhow::anyhow!("expected Welcome, got {other:?}"));
+            }
+            Ok(Ok(None)) => {
+                return Ended::Failed(anyhow::anyhow!(
+                    "the control plane closed the session before Welcome"
+                ));
+            }
+            Ok(Err(status)) => {
+                return Ended::Failed(anyhow::anyhow!(
+                    "the session was refused: {}",
+                    chain(&status)
+                ));
+            }
+            Err(_) => {
+                return Ended::Failed(anyhow::anyhow!("no Welcome within {WELCOME_TIMEOUT:?}"));
+            }
+        };
+        *welcomed = true;
+        self.droplet = welcome.droplet_id.parse().ok();
+        let interval = welcome
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_HEARTBEAT);
+        tracing::info!(droplet_id = %welcome.droplet_id, session_id = %welcome.session_id, heartbeat = ?interval, "session open");
+
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ended::Shutdown,
+                _ = heartbeat.tick() => {
+                    let beat = Heartbeat { load: Some(self.load().await), sent_at: Some(std::time::SystemTime::now().into()) };
+                    if let Err(error) = wire.send(agent_message::Kind::Heartbeat(beat)).await {
+                        return Ended::Failed(error);
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(ControlMessage { kind: Some(kind) })) => {
+                        if let Some(ended) = self.handle(kind, &mut wire).await {
+                            return ended;
+                        }
+                    }
+                    Ok(Some(ControlMessage { kind: None })) => {}
+                    Ok(None) => return Ended::Failed(anyhow::anyhow!("the control plane ended the session")),
+                    Err(status) => return Ended::Failed(anyhow::anyhow!("the session broke: {}", chain(&status))),
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, kind: control_message::Kind, wire: &mut Wire) -> Option<Ended> {
+        match kind {
+            control_message::Kind::Goodbye(goodbye) => return Some(Ended::Goodbye(goodbye)),
+            control_message::Kind::Command(command) => {
+                // This agent runs no commands yet: say so rather than pretend.
+                tracing::warn!(command_id = %command.id, "refused a command this agent cannot run yet");
+                let result = CommandResult {
+                    command_id: command.id,
+                    success: false,
+                    message: "this agent does not run commands of this kind".into(),
+                    ..Default::default()
+                };
+                if let Err(error) = wire.send(agent_message::Kind::CommandResult(result)).await {
+                    return Some(Ended::Failed(error));
+                }
+            }
+            control_message::Kind::Welcome(_) => tracing::debug!("ignored a second Welcome"),
+            control_message::Kind::Certificate(_) => {
+                tracing::debug!("ignored a certificate: renewal is not enabled")
+            }
+        }
+        None
+    }
+
+    async fn hello(&mut self) -> Hello {
+        let (docker_version, docker_error) = match self.engine.version().await {
+            Ok(version) => (version, String::new()),
+            Err(error) => {
+                tracing::warn!("Docker engine unavailable: {error}");
+                (String::new(), error)
+            }
+        };
+        Hello {
+            protocol: Some(protocol::CURRENT),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            host: Some(self.host.facts()),
+            docker_version,
+            docker_error,
+            inventory: Vec::new(),
+            applied_command_ids: Vec::new(),
+            load: Some(self.load().await),
+        }
+    }
+
+    async fn load(&self) -> flotilla::proto::HostLoad {
+        let containers = match self.droplet {
+            Some(droplet) => self.engine.managed_containers(droplet).await,
+            None => 0,
+        };
+        let host = self.host.clone();
+        tokio::task::spawn_blocking(move || host.load(containers))
+            .await
+            .unwrap_or_default()
+    }
+}

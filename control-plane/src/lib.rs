@@ -1,0 +1,17 @@
+//! The Flotilla control plane: sessions with agents over mutual TLS, droplet state in
+//! PostgreSQL, and the fleet API.
+//!
+//! `serve` is the whole server; `main.rs` only parses flags, binds and waits for a signal.
+
+pub mod api;
+pub mod config;
+pub mod gateway;
+pub mod liveness;
+pub mod pki;
+pub mod server;
+pub mod sessions;
+pub mod state;
+pub mod store;
+pub mod tls;
+
+pub use server::{Listeners, ServeConfig, serve};

@@ -1,0 +1,222 @@
+//! The control plane as one function: give it bound listeners, a migrated database and a
+//! shutdown future; it serves until the future resolves, then drains in a fixed order.
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use flotilla::proto::{
+    FILE_DESCRIPTOR_SET, Goodbye, agent_gateway_server::AgentGatewayServer,
+    fleet_server::FleetServer, goodbye::Reason,
+};
+use rand::Rng as _;
+use sqlx::PgPool;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::{
+    api::FleetApi,
+    config::Timing,
+    gateway::Gateway,
+    liveness,
+    pki::{self, Ca},
+    sessions::Sessions,
+    state::State,
+    store, tls,
+};
+
+/// Server certificates are re-issued from the CA at every start.
+pub const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What `serve` needs beyond its listeners and database.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub public_names: Vec<String>,
+    pub timing: Timing,
+}
+
+/// The control plane's bound sockets. Tests bind port 0.
+pub struct Listeners {
+    pub agent: TcpListener,
+    pub api: TcpListener,
+}
+
+/// Serves until `shutdown` resolves. Then: stop accepting agents, tell every session
+/// `Goodbye` with a spread-out reconnect hint, give sessions `shutdown_grace` to close,
+/// write the last heartbeats, stop the API.
+pub async fn serve(
+    db: PgPool,
+    config: ServeConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.timing.validate().map_err(anyhow::Error::msg)?;
+    store::MIGRATOR
+        .run(&db)
+        .await
+        .context("applying database migrations")?;
+
+    let (ca, created) = Ca::load_or_create(&config.data_dir)?;
+    if created {
+        tracing::info!(dir = %config.data_dir.display(), sha256 = %ca.sha256_pin(), "created the fleet CA");
+    }
+    let server_cert = ca.issue_server(&server_names(&config.public_names), SERVER_CERT_VALIDITY)?;
+    pki::write_pair(&config.data_dir, "server", &server_cert)?;
+    let tls_config = tls::agent_server_config(&ca, &server_cert)?;
+
+    let released = store::release_stale_sessions(&db)
+        .await
+        .context("releasing stale sessions")?;
+    if released > 0 {
+        tracing::info!(
+            droplets = released,
+            "sessions of the previous run ended; their droplets have the reconnect grace"
+        );
+    }
+
+    let state = State {
+        db,
+        sessions: Sessions::default(),
+        timing: config.timing,
+        trust_bundle: Arc::from(vec![ca.cert_pem().to_owned()]),
+    };
+
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let stop_servers = CancellationToken::new();
+    let mut background = JoinSet::new();
+    liveness::spawn(&state, &stop_background, &mut background);
+
+    let agent_addr = listeners.agent.local_addr()?;
+    let api_addr = listeners.api.local_addr()?;
+    let incoming = tls::accept_agents(listeners.agent, tls_config, stop_accepting.clone());
+    let agent_server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(AgentGatewayServer::new(Gateway::new(state.clone())))
+        .serve_with_incoming_shutdown(incoming, stop_servers.clone().cancelled_owned());
+    let agent_server = tokio::spawn(agent_server);
+
+    let api_server = api_server(&state, listeners.api, stop_servers.clone())?;
+    let api_server = tokio::spawn(api_server);
+    tracing::info!(agent = %agent_addr, api = %api_addr, ca_sha256 = %ca.sha256_pin(), "control plane serving");
+
+    shutdown.await;
+    tracing::info!(sessions = state.sessions.len(), "shutting down");
+    stop_accepting.cancel();
+    let spread = config.timing.reconnect_spread;
+    state.sessions.close_all(|| Goodbye {
+        reason: Reason::Shutdown as i32,
+        message: "the control plane is shutting down".into(),
+        reconnect_after: prost_types::Duration::try_from(jitter(spread)).ok(),
+        required_protocol: None,
+    });
+    let drained = tokio::time::timeout(config.timing.shutdown_grace, async {
+        while !state.sessions.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            sessions = state.sessions.len(),
+            "sessions did not close within the grace; cutting them"
+        );
+        state.sessions.cancel_all();
+    }
+    stop_background.cancel();
+    while background.join_next().await.is_some() {}
+    stop_servers.cancel();
+    let grace = config.timing.shutdown_grace;
+    for (name, server) in [("agent", agent_server), ("api", api_server)] {
+        match tokio::time::timeout(grace, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => {
+                tracing::warn!(%error, server = name, "server ended with an error")
+            }
+            Ok(Err(error)) => tracing::warn!(%error, server = name, "server task failed"),
+            Err(_) => tracing::warn!(server = name, "server did not stop within the grace"),
+        }
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+fn api_server(
+    state: &State,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<impl Future<Output = Result<(), tonic::transport::Error>> + use<>> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection (v1)")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building gRPC reflection (v1alpha)")?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let fleet = FleetServer::new(FleetApi::new(state.db.clone()));
+    let server = Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(fleet)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            health_reporter.set_serving::<FleetServer<FleetApi>>().await;
+            stop.cancelled().await;
+            health_reporter
+                .set_not_serving::<FleetServer<FleetApi>>()
+                .await;
+        });
+    Ok(server)
+}
+
+/// Names the server certificate carries: loopback for local use, plus the public ones.
+pub fn server_names(public: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+    for name in public {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// A uniformly random delay in [spread / 10, spread], so agents do not return together.
+fn jitter(spread: Duration) -> Duration {
+    let floor = spread / 10;
+    if spread <= floor {
+        return spread;
+    }
+    rand::rng().random_range(floor..=spread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_hints_spread_within_bounds() {
+        let spread = Duration::from_secs(10);
+        let hints: Vec<_> = (0..200).map(|_| jitter(spread)).collect();
+        assert!(
+            hints
+                .iter()
+                .all(|h| *h >= Duration::from_secs(1) && *h <= spread)
+        );
+        let distinct: std::collections::HashSet<_> = hints.iter().collect();
+        assert!(distinct.len() > 150, "hints are spread, not one value");
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn server_names_always_include_loopback_once() {
+        let names = server_names(&["cp.example.com".into(), "localhost".into()]);
+        assert_eq!(names, ["localhost", "127.0.0.1", "::1", "cp.example.com"]);
+    }
+}

@@ -1,0 +1,204 @@
+//! TLS for the agent port: a client certificate chaining to the fleet CA is required,
+//! and the droplet it names is read from its URI SAN at the handshake.
+//!
+//! We run our own `tokio_rustls::TlsAcceptor` instead of tonic's `ServerTlsConfig`: it lets
+//! handshakes run concurrently (a slow client never stalls the accept loop), refuses
+//! certificates that name no droplet before any gRPC byte is read, and leaves room for a
+//! custom verifier (revocation) and session resumption.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use flotilla::{DropletId, identity::droplet_from_certificate};
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::pki::{Ca, Issued};
+
+/// A handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of an agent connection, as its certificate says.
+#[derive(Clone, Debug)]
+pub struct AgentPeer {
+    pub droplet_id: DropletId,
+    pub remote_addr: SocketAddr,
+}
+
+/// An authenticated agent connection.
+pub struct AgentConn {
+    io: TlsStream<TcpStream>,
+    peer: AgentPeer,
+}
+
+impl Connected for AgentConn {
+    type ConnectInfo = AgentPeer;
+
+    fn connect_info(&self) -> AgentPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for AgentConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent port's TLS configuration: our server certificate, and client certificates
+/// required to chain to `ca`.
+pub fn agent_server_config(ca: &Ca, server: &Issued) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.cert_der().clone())
+        .context("adding the CA to the trust store")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .context("building the client certificate verifier")?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server_chain(server, ca)?, server_key(server)?)
+        .context("loading the server certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn server_chain(server: &Issued, ca: &Ca) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let mut chain = rustls_pemfile::certs(&mut server.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the server certificate")?;
+    chain.push(ca.cert_der().clone());
+    Ok(chain)
+}
+
+fn server_key(server: &Issued) -> anyhow::Result<PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut server.key_pem.as_bytes())
+        .context("parsing the server key")?
+        .context("no private key in the server key PEM")
+}
+
+/// Accepts agent connections until `stop` is cancelled, completing each TLS handshake on
+/// its own task. Connections whose certificate names no droplet are closed here.
+pub fn accept_agents(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) -> ReceiverStream<Result<AgentConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote_addr) = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait, don't spin.
+                        tracing::warn!(%error, "accepting an agent connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match handshake(&acceptor, tcp, remote_addr).await {
+                    Ok(conn) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Err(reason) => {
+                        tracing::info!(%remote_addr, %reason, "refused an agent connection");
+                    }
+                }
+            });
+        }
+        tracing::debug!("stopped accepting agent connections");
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+) -> Result<AgentConn, String> {
+    let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let leaf = io
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or("no client certificate")?;
+    let droplet_id = droplet_from_certificate(leaf.as_ref()).map_err(|e| e.to_string())?;
+    Ok(AgentConn {
+        io,
+        peer: AgentPeer {
+            droplet_id,
+            remote_addr,
+        },
+    })
+}

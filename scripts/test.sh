@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what is missing, starts a throwaway
+# PostgreSQL (unless DATABASE_URL is already set), runs every test, and stops the cluster
+# even when tests fail. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/postgres.sh
+
+command -v cargo >/dev/null || { echo "test: cargo is not installed" >&2; exit 1; }
+docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || {
+  echo "test: no Docker engine answers on this machine; the end-to-end tests need one" >&2
+  exit 1
+}
+
+if [ -z "${DATABASE_URL:-}" ]; then
+  PG_TMP=$(mktemp -d /tmp/flotilla-test-pg.XXXXXX)
+  trap 'stop_postgres; rm -rf "$PG_TMP"' EXIT
+  start_postgres "$PG_TMP"
+fi
+
+cargo test --workspace --all-targets --locked -- "$@"

@@ -1,0 +1,354 @@
+//! What the end-to-end tests share: a fresh database per test, a real control plane on
+//! port 0, real agents, and real gRPC clients over real TLS.
+#![allow(dead_code)]
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, time::Duration};
+
+use anyhow::Context as _;
+use flotilla::{
+    DropletId,
+    proto::{
+        AgentMessage, ControlMessage, Droplet, DropletStatus, GetDropletRequest, Hello, HostFacts,
+        agent_gateway_client::AgentGatewayClient, agent_message, fleet_client::FleetClient,
+    },
+};
+use flotilla_agent::{AgentConfig, Credentials};
+use flotilla_control_plane::{Listeners, ServeConfig, config::Timing, pki::Ca};
+use sqlx::{
+    ConnectOptions as _, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A database of its own for one test, migrated by the control plane at start.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> anyhow::Result<Self> {
+        flotilla::telemetry::init_for_tests();
+        let url = std::env::var("DATABASE_URL").map_err(|_| {
+            anyhow::anyhow!(
+                "DATABASE_URL is not set: run the tests with `scripts/test.sh`, which starts a throwaway PostgreSQL"
+            )
+        })?;
+        let admin = PgConnectOptions::from_str(&url).context("parsing DATABASE_URL")?;
+        let name = format!("flotilla_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin
+            .connect()
+            .await
+            .context("connecting to DATABASE_URL")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(admin.database(&name))
+            .await
+            .context("connecting to the test database")?;
+        flotilla_control_plane::store::MIGRATOR.run(&pool).await?;
+        Ok(Self { pool, name })
+    }
+
+    /// Write statements (INSERT, UPDATE) executed in this database so far, and the rows
+    /// they touched, as PostgreSQL's `pg_stat_statements` counts them. Its counters are
+    /// updated as each statement ends, unlike `pg_stat_database`'s, which lag by seconds.
+    pub async fn writes(&self) -> anyhow::Result<(i64, i64)> {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&self.pool)
+            .await
+            .context("pg_stat_statements: start PostgreSQL with shared_preload_libraries=pg_stat_statements (scripts/test.sh does)")?;
+        let (calls, rows): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT sum(calls)::int8, sum(rows)::int8 FROM pg_stat_statements s
+             JOIN pg_database d ON d.oid = s.dbid
+             WHERE d.datname = current_database() AND s.query ~* '^\\s*(INSERT|UPDATE)'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("reading pg_stat_statements")?;
+        Ok((calls.unwrap_or(0), rows.unwrap_or(0)))
+    }
+
+    pub async fn droplet_count(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM droplets")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+/// Liveness clocks shrunk for tests.
+pub fn fast_timing() -> Timing {
+    Timing {
+        heartbeat_interval: Duration::from_millis(100),
+        missed_heartbeats: 3,
+        flush_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_secs(1),
+        reconnect_spread: Duration::from_millis(300),
+        shutdown_grace: Duration::from_secs(3),
+        hello_timeout: Duration::from_secs(3),
+    }
+}
+
+/// A control plane serving in this process.
+pub struct TestControlPlane {
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub timing: Timing,
+    pool: PgPool,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+    dir
+}
+
+impl TestControlPlane {
+    pub async fn start(pool: &PgPool, timing: Timing) -> anyhow::Result<Self> {
+        let agent = TcpListener::bind("127.0.0.1:0").await?;
+        let api = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(pool, timing, temp_dir("flotilla-cp"), agent, api).await
+    }
+
+    async fn start_on(
+        pool: &PgPool,
+        timing: Timing,
+        data_dir: PathBuf,
+        agent: TcpListener,
+        api: TcpListener,
+    ) -> anyhow::Result<Self> {
+        let agent_addr = agent.local_addr()?;
+        let api_addr = api.local_addr()?;
+        let stop = CancellationToken::new();
+        let config = ServeConfig {
+            data_dir: data_dir.clone(),
+            public_names: vec![],
+            timing,
+        };
+        let task = tokio::spawn(flotilla_control_plane::serve(
+            pool.clone(),
+            config,
+            Listeners { agent, api },
+            stop.clone().cancelled_owned(),
+        ));
+        let cp = Self {
+            agent_addr,
+            api_addr,
+            data_dir,
+            timing,
+            pool: pool.clone(),
+            stop,
+            task,
+        };
+        // Serving once the CA exists and the API answers.
+        wait_for(
+            "the control plane to serve",
+            Duration::from_secs(20),
+            || async { Ok(cp.data_dir.join("server.crt").exists() && cp.fleet().await.is_ok()) },
+        )
+        .await?;
+        Ok(cp)
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn stop(self) -> anyhow::Result<(PgPool, PathBuf, SocketAddr, SocketAddr, Timing)> {
+        self.stop.cancel();
+        self.task.await.context("control plane task")??;
+        Ok((
+            self.pool,
+            self.data_dir,
+            self.agent_addr,
+            self.api_addr,
+            self.timing,
+        ))
+    }
+
+    /// Stops and starts again on the same ports with the same CA.
+    pub async fn restart(self) -> anyhow::Result<Self> {
+        let (pool, data_dir, agent_addr, api_addr, timing) = self.stop().await?;
+        let agent = TcpListener::bind(agent_addr).await?;
+        let api = TcpListener::bind(api_addr).await?;
+        Self::start_on(&pool, timing, data_dir, agent, api).await
+    }
+
+    pub fn ca(&self) -> anyhow::Result<Ca> {
+        Ca::load(&self.data_dir)
+    }
+
+    /// Fresh credentials for one droplet, valid for an hour.
+    pub fn credentials(&self, droplet: DropletId) -> anyhow::Result<Credentials> {
+        let ca = self.ca()?;
+        let now = time::OffsetDateTime::now_utc();
+        let issued = ca.issue_agent(
+            droplet,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )?;
+        Ok(Credentials {
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        })
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!("https://localhost:{}", self.agent_addr.port())
+    }
+
+    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.api_addr))?
+            .connect()
+            .await?;
+        Ok(FleetClient::new(channel))
+    }
+
+    pub async fn droplet(&self, id: DropletId) -> anyhow::Result<Droplet> {
+        let mut fleet = self.fleet().await?;
+        Ok(fleet
+            .get_droplet(GetDropletRequest { id: id.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the droplet has `status` through the API.
+    pub async fn await_status(
+        &self,
+        id: DropletId,
+        status: DropletStatus,
+        within: Duration,
+    ) -> anyhow::Result<Droplet> {
+        wait_for(
+            &format!("droplet {id} to be {status:?}"),
+            within,
+            || async {
+                Ok(self
+                    .droplet(id)
+                    .await
+                    .map(|d| d.status() == status)
+                    .unwrap_or(false))
+            },
+        )
+        .await?;
+        self.droplet(id).await
+    }
+
+    /// An in-process agent for `droplet`, using this machine's Docker engine.
+    pub fn agent(&self, droplet: DropletId) -> anyhow::Result<TestAgent> {
+        self.agent_with(droplet, "/var/run/docker.sock")
+    }
+
+    pub fn agent_with(&self, droplet: DropletId, docker_socket: &str) -> anyhow::Result<TestAgent> {
+        let config = AgentConfig {
+            control_plane: self.agent_url(),
+            server_name: None,
+            credentials: self.credentials(droplet)?,
+            docker_socket: docker_socket.into(),
+            disk_path: "/".into(),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(flotilla_agent::run(config, stop.clone()));
+        Ok(TestAgent {
+            droplet,
+            stop,
+            task,
+        })
+    }
+
+    /// A bare protocol client with valid credentials: it speaks only when told to.
+    pub async fn raw_session(
+        &self,
+        droplet: DropletId,
+        hello: Hello,
+    ) -> anyhow::Result<RawSession> {
+        let creds = self.credentials(droplet)?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&creds.ca_pem))
+            .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
+            .domain_name("localhost");
+        let channel = Endpoint::from_shared(self.agent_url())?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(AgentMessage {
+            seq: 1,
+            kind: Some(agent_message::Kind::Hello(hello)),
+        })
+        .await?;
+        let inbound = AgentGatewayClient::new(channel)
+            .connect(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawSession { tx, inbound })
+    }
+}
+
+pub struct RawSession {
+    pub tx: mpsc::Sender<AgentMessage>,
+    pub inbound: tonic::Streaming<ControlMessage>,
+}
+
+impl RawSession {
+    pub async fn next(&mut self) -> anyhow::Result<ControlMessage> {
+        tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
+            .await
+            .context("no message from the control plane")??
+            .context("the control plane closed the stream")
+    }
+}
+
+/// A `Hello` as an agent of this build would send it.
+pub fn hello() -> Hello {
+    Hello {
+        protocol: Some(flotilla::protocol::CURRENT),
+        agent_version: "test".into(),
+        host: Some(HostFacts {
+            hostname: "raw-client".into(),
+            cpu_count: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub struct TestAgent {
+    pub droplet: DropletId,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestAgent {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.context("agent task")?
+    }
+}
+
+/// Polls `check` until it says true, failing with `what` after `within`. For waiting on
+/// eventual states, never for asserting speed.
+pub async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
