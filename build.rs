@@ -8,11 +8,8 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &[
-    "proto/flotilla/v1/types.proto",
-    "proto/flotilla/v1/agent.proto",
-    "proto/flotilla/v1/fleet.proto",
-];
+const PROTOS: &[&str] =
+    &["proto/flotilla/v1/types.proto", "proto/flotilla/v1/agent.proto", "proto/flotilla/v1/fleet.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

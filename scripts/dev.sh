@@ -9,6 +9,7 @@ source scripts/postgres.sh
 
 DEV=$(realpath -m "${FLOTILLA_DEV_DIR:-.flotilla-dev}")
 AGENT_LISTEN=${FLOTILLA_AGENT_LISTEN:-127.0.0.1:7443}
+ENROLL_LISTEN=${FLOTILLA_ENROLL_LISTEN:-127.0.0.1:7444}
 API_LISTEN=${FLOTILLA_API_LISTEN:-127.0.0.1:7080}
 mkdir -p "$DEV/control-plane" "$DEV/agent"
 
@@ -36,8 +37,9 @@ if [ -z "${DATABASE_URL:-}" ]; then
   echo "$PG_PORT" > "$DEV/postgres/port"
 fi
 
+export FLOTILLA_DATA_DIR="$DEV/control-plane"
 RUST_LOG=${RUST_LOG:-info} "$BIN/flotilla-control-plane" serve \
-  --data-dir "$DEV/control-plane" --agent-listen "$AGENT_LISTEN" --api-listen "$API_LISTEN" \
+  --agent-listen "$AGENT_LISTEN" --enroll-listen "$ENROLL_LISTEN" --api-listen "$API_LISTEN" \
   --heartbeat-interval 5s --flush-interval 5s --reconnect-grace 30s &
 PIDS+=($!)
 
@@ -47,12 +49,18 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+# The droplet enrolls with a one-time token on its first run and keeps its certificate
+# (renewing it over the session) after that.
 [ -f "$DEV/agent/droplet-id" ] || python3 -c 'import uuid; print(uuid.uuid4())' > "$DEV/agent/droplet-id"
 DROPLET=$(cat "$DEV/agent/droplet-id")
-"$BIN/flotilla-control-plane" ca issue-agent --data-dir "$DEV/control-plane" \
-  --droplet "$DROPLET" --out "$DEV/agent" --valid-for 24h >/dev/null
+TOKEN_ARGS=()
+if [ ! -f "$DEV/agent/identity.pem" ]; then
+  TOKEN=$("$BIN/flotilla-control-plane" token create --droplet "$DROPLET" --name dev --ttl 10m 2>/dev/null)
+  TOKEN_ARGS=(--token "$TOKEN")
+fi
 
-"$BIN/flotilla-agent" --control-plane "https://localhost:${AGENT_LISTEN##*:}" --state-dir "$DEV/agent" &
+"$BIN/flotilla-agent" --control-plane "https://localhost:${AGENT_LISTEN##*:}" \
+  --enroll-url "https://localhost:${ENROLL_LISTEN##*:}" --state-dir "$DEV/agent" "${TOKEN_ARGS[@]}" &
 PIDS+=($!)
 
 cat >&2 <<TXT

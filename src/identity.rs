@@ -79,9 +79,7 @@ pub enum IdentityError {
 pub fn droplet_from_certificate(der: &[u8]) -> Result<DropletId, IdentityError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| IdentityError::Malformed(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let san = cert.subject_alternative_name().map_err(|e| IdentityError::Malformed(e.to_string()))?;
     let mut found = None;
     for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
         if let GeneralName::URI(uri) = name
@@ -96,6 +94,20 @@ pub fn droplet_from_certificate(der: &[u8]) -> Result<DropletId, IdentityError> 
     found.ok_or(IdentityError::NoDropletSan)
 }
 
+/// A certificate's validity period, as seconds since the Unix epoch: (notBefore, notAfter).
+pub fn certificate_validity(der: &[u8]) -> Result<(i64, i64), IdentityError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let validity = cert.validity();
+    Ok((validity.not_before.timestamp(), validity.not_after.timestamp()))
+}
+
+/// SHA-256 of a DER certificate, lowercase hex: the form of a CA pin.
+pub fn sha256_hex(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,28 +120,14 @@ mod tests {
 
     #[test]
     fn other_uris_name_no_droplet() {
-        assert_eq!(
-            DropletId::from_san_uri("spiffe://flotilla/droplet/nope"),
-            None
-        );
-        assert_eq!(
-            DropletId::from_san_uri("spiffe://other/droplet/0a6f0e59-2a36-4c4e-9a4e-0d7b6c1d2e3f"),
-            None
-        );
+        assert_eq!(DropletId::from_san_uri("spiffe://flotilla/droplet/nope"), None);
+        assert_eq!(DropletId::from_san_uri("spiffe://other/droplet/0a6f0e59-2a36-4c4e-9a4e-0d7b6c1d2e3f"), None);
         // Uppercase or simple forms are other spellings of the same id: refused.
-        assert_eq!(
-            DropletId::from_san_uri(
-                "spiffe://flotilla/droplet/0A6F0E59-2A36-4C4E-9A4E-0D7B6C1D2E3F"
-            ),
-            None
-        );
+        assert_eq!(DropletId::from_san_uri("spiffe://flotilla/droplet/0A6F0E59-2A36-4C4E-9A4E-0D7B6C1D2E3F"), None);
     }
 
     #[test]
     fn garbage_is_not_a_certificate() {
-        assert!(matches!(
-            droplet_from_certificate(b"nope"),
-            Err(IdentityError::Malformed(_))
-        ));
+        assert!(matches!(droplet_from_certificate(b"nope"), Err(IdentityError::Malformed(_))));
     }
 }

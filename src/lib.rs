@@ -14,8 +14,7 @@ pub mod proto {
     tonic::include_proto!("flotilla.v1");
 
     /// The encoded descriptor set of every Flotilla proto file, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
 }
 
 pub use identity::DropletId;

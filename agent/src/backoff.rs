@@ -14,11 +14,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap: cap.max(base),
-            attempt: 0,
-        }
+        Self { base, cap: cap.max(base), attempt: 0 }
     }
 
     /// The ceiling of the next delay: base·2ⁿ, at most the cap.
@@ -88,10 +84,7 @@ mod tests {
             seen.insert(backoff.next_delay());
         }
         assert!(seen.len() > 90, "delays are drawn, not fixed");
-        assert!(
-            seen.iter().any(|d| *d < Duration::from_millis(500)),
-            "full jitter reaches low delays"
-        );
+        assert!(seen.iter().any(|d| *d < Duration::from_millis(500)), "full jitter reaches low delays");
     }
 
     #[test]

@@ -25,10 +25,7 @@ impl Engine {
     pub fn new(socket: &str) -> Self {
         let docker = Docker::connect_with_unix(socket, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
             .map_err(|e| format!("cannot use the Docker socket {socket}: {e}"));
-        Self {
-            docker,
-            answered: false,
-        }
+        Self { docker, answered: false }
     }
 
     /// The engine's version, agreeing an API version with it first (older engines refuse
@@ -40,10 +37,7 @@ impl Engine {
             .await
             .map_err(|_| "the Docker engine did not answer in time".to_owned())?
             .map_err(|e| format!("the Docker engine did not answer: {e}"))?;
-        let version = negotiated
-            .version()
-            .await
-            .map_err(|e| format!("asking the Docker engine its version: {e}"))?;
+        let version = negotiated.version().await.map_err(|e| format!("asking the Docker engine its version: {e}"))?;
         self.docker = Ok(negotiated);
         self.answered = true;
         Ok(version.version.unwrap_or_else(|| "unknown".into()))
@@ -55,17 +49,9 @@ impl Engine {
         if !self.answered {
             return 0;
         }
-        let filters = HashMap::from([(
-            "label",
-            vec![
-                format!("{LABEL_MANAGED}=true"),
-                format!("{LABEL_DROPLET}={droplet}"),
-            ],
-        )]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
+        let filters =
+            HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={droplet}")])]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
         match docker.list_containers(Some(options)).await {
             Ok(list) => u32::try_from(list.len()).unwrap_or(u32::MAX),
             Err(error) => {

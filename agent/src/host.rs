@@ -24,10 +24,7 @@ pub struct HostProbe {
 impl HostProbe {
     /// `disk_path` picks the filesystem whose usage is reported (the one holding it).
     pub fn new(disk_path: impl Into<PathBuf>) -> Self {
-        Self {
-            disk_path: disk_path.into(),
-            cache: Arc::default(),
-        }
+        Self { disk_path: disk_path.into(), cache: Arc::default() }
     }
 
     pub fn facts(&self) -> HostFacts {
@@ -51,10 +48,7 @@ impl HostProbe {
     /// The host's load now (at most `SAMPLE_EVERY` old); `containers` is counted by the caller.
     pub fn load(&self, containers: u32) -> HostLoad {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = cache
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < SAMPLE_EVERY)
-            .map(|(_, l)| *l);
+        let fresh = cache.as_ref().filter(|(at, _)| at.elapsed() < SAMPLE_EVERY).map(|(_, l)| *l);
         let mut load = fresh.unwrap_or_else(|| {
             let sample = sample(&self.disk_path);
             *cache = Some((Instant::now(), sample));

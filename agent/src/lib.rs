@@ -4,7 +4,9 @@
 pub mod backoff;
 pub mod config;
 pub mod docker;
+pub mod enroll;
 pub mod host;
+pub mod identity;
 pub mod link;
 
-pub use link::{AgentConfig, Credentials, run};
+pub use link::{AgentConfig, Credentials, Enrollment, IdentitySource, run};

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, CommandResult, ControlMessage, Goodbye, Heartbeat, Hello,
+        AgentMessage, CommandResult, ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate,
         agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
     },
     protocol,
@@ -20,8 +20,54 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::{
     backoff::{Backoff, worth_logging},
     docker::Engine,
+    enroll::{self, Trust},
     host::HostProbe,
+    identity::{Held, Store},
 };
+
+/// When to renew the certificate, and the key waiting for its certificate.
+struct Renewal {
+    at: Option<tokio::time::Instant>,
+    pending: Option<rcgen::KeyPair>,
+}
+
+impl Renewal {
+    fn new(enabled: bool, held: Option<&Held>) -> Self {
+        let at = held.filter(|_| enabled).map(|h| instant_of(h.renew_at()));
+        Self { at, pending: None }
+    }
+
+    /// Resolves when a renewal is due; never if renewal is off.
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A request went out: if no certificate comes back, ask again in a while.
+    fn sent(&mut self, key: rcgen::KeyPair) {
+        self.pending = Some(key);
+        self.sent_failed();
+    }
+
+    fn sent_failed(&mut self) {
+        self.at = Some(Instant::now() + Duration::from_secs(5));
+    }
+
+    fn take_key(&mut self) -> Option<rcgen::KeyPair> {
+        self.pending.take()
+    }
+
+    fn renewed(&mut self, held: &Held) {
+        self.at = Some(instant_of(held.renew_at()));
+    }
+}
+
+fn instant_of(at: std::time::SystemTime) -> tokio::time::Instant {
+    let from_now = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    Instant::now() + from_now
+}
 
 /// The control plane must answer `Hello` within this.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,12 +90,37 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Where the agent's credentials come from.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// Fixed credentials (`--cert`/`--key`, tests): used as they are, never renewed.
+    Fixed(Credentials),
+    /// The state dir: enroll with a token when it holds no valid certificate, renew over
+    /// the session, persist every change.
+    StateDir { store: Store, enrollment: Option<Enrollment> },
+}
+
+/// How to enroll when the state dir has no valid certificate.
+#[derive(Clone)]
+pub struct Enrollment {
+    pub token: String,
+    pub url: String,
+    pub trust: Trust,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Enrollment").field("url", &self.url).field("trust", &self.trust).finish_non_exhaustive()
+    }
+}
+
 /// Everything a running agent needs.
 #[derive(Clone)]
 pub struct AgentConfig {
     pub control_plane: String,
     pub server_name: Option<String>,
-    pub credentials: Credentials,
+    pub identity: IdentitySource,
     pub docker_socket: String,
     pub disk_path: std::path::PathBuf,
     pub initial_backoff: Duration,
@@ -67,19 +138,32 @@ enum Ended {
     Failed(anyhow::Error),
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// Runs the agent until `shutdown` is cancelled. Returns an error only for what needs an
+/// operator: no usable credentials, a refused enrollment, a bad configuration.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let endpoint = endpoint(&config)?;
     let mut agent = Agent {
         host: HostProbe::new(config.disk_path.clone()),
         engine: Engine::new(&config.docker_socket),
         droplet: None,
+        store: match &config.identity {
+            IdentitySource::StateDir { store, .. } => Some(store.clone()),
+            IdentitySource::Fixed(_) => None,
+        },
+        held: None,
     };
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     let mut failures = 0u32;
     loop {
         let started = Instant::now();
-        let (ended, welcomed) = agent.session(&endpoint, &shutdown).await;
+        let (ended, welcomed) = match agent.credentials(&config).await {
+            Ok(held) => {
+                let endpoint = endpoint(&config, &held.credentials)?;
+                agent.held = Some(held);
+                agent.session(&endpoint, &shutdown).await
+            }
+            Err(CredentialsError::Fatal(error)) => return Err(error),
+            Err(CredentialsError::Retry(error)) => (Ended::Failed(error), false),
+        };
         if welcomed && started.elapsed() >= HEALTHY_SESSION {
             backoff.reset();
             failures = 0;
@@ -87,38 +171,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let delay = match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Goodbye(goodbye) => {
-                let hint = goodbye
-                    .reconnect_after
-                    .and_then(|d| Duration::try_from(d).ok());
+                let hint = goodbye.reconnect_after.and_then(|d| Duration::try_from(d).ok());
                 match goodbye.reason() {
                     Reason::IncompatibleProtocol => tracing::error!(
                         required = %goodbye.required_protocol.unwrap_or_default(),
                         "the control plane refused this agent's protocol: {}", goodbye.message
                     ),
-                    Reason::Revoked => tracing::error!(
-                        "the control plane revoked this droplet: {}",
-                        goodbye.message
-                    ),
-                    reason => tracing::info!(
-                        ?reason,
-                        ?hint,
-                        "the control plane said goodbye: {}",
-                        goodbye.message
-                    ),
+                    Reason::Revoked => tracing::error!("the control plane revoked this droplet: {}", goodbye.message),
+                    reason => tracing::info!(?reason, ?hint, "the control plane said goodbye: {}", goodbye.message),
                 }
                 if !welcomed {
                     failures += 1;
                 }
                 // The hint is a floor: honour it, but never dial sooner than back-off says
                 // after repeated failures.
-                let backoff_delay = if welcomed {
-                    Duration::ZERO
-                } else {
-                    backoff.next_delay()
-                };
-                hint.unwrap_or(Duration::ZERO)
-                    .max(backoff_delay)
-                    .max(Duration::from_millis(1))
+                let backoff_delay = if welcomed { Duration::ZERO } else { backoff.next_delay() };
+                hint.unwrap_or(Duration::ZERO).max(backoff_delay).max(Duration::from_millis(1))
             }
             Ended::Failed(error) => {
                 failures += 1;
@@ -138,28 +206,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 }
 
-fn endpoint(config: &AgentConfig) -> anyhow::Result<Endpoint> {
+enum CredentialsError {
+    Fatal(anyhow::Error),
+    Retry(anyhow::Error),
+}
+
+fn endpoint(config: &AgentConfig, credentials: &Credentials) -> anyhow::Result<Endpoint> {
     let uri: http::Uri = config.control_plane.parse().with_context(|| {
-        format!(
-            "--control-plane {:?} is not a URL like https://cp.example.com:7443",
-            config.control_plane
-        )
+        format!("--control-plane {:?} is not a URL like https://cp.example.com:7443", config.control_plane)
     })?;
     if uri.scheme_str() != Some("https") {
         anyhow::bail!("--control-plane must be an https:// URL: the session is always TLS");
     }
     let host = uri.host().context("--control-plane has no host")?;
-    let server_name = config
-        .server_name
-        .clone()
-        .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
-    let credentials = &config.credentials;
+    let server_name = config.server_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
-        .identity(Identity::from_pem(
-            &credentials.cert_pem,
-            &credentials.key_pem,
-        ))
+        .identity(Identity::from_pem(&credentials.cert_pem, &credentials.key_pem))
         .domain_name(server_name);
     Ok(Endpoint::from(uri)
         .tls_config(tls)
@@ -172,7 +235,7 @@ fn endpoint(config: &AgentConfig) -> anyhow::Result<Endpoint> {
 }
 
 /// The full cause of an error, for logs (tonic's transport errors hide the TLS reason).
-fn chain(error: &(dyn StdError + 'static)) -> String {
+pub fn chain(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -191,6 +254,10 @@ struct Agent {
     engine: Engine,
     /// Learned from `Welcome`.
     droplet: Option<DropletId>,
+    /// Where credentials persist, unless they are fixed.
+    store: Option<Store>,
+    /// The credentials of the current session.
+    held: Option<Held>,
 }
 
 struct Wire {
@@ -202,22 +269,60 @@ impl Wire {
     async fn send(&mut self, kind: agent_message::Kind) -> anyhow::Result<()> {
         self.seq += 1;
         self.tx
-            .send(AgentMessage {
-                seq: self.seq,
-                kind: Some(kind),
-            })
+            .send(AgentMessage { seq: self.seq, kind: Some(kind) })
             .await
             .context("the session's outbound stream closed")
     }
 }
 
 impl Agent {
+    /// The credentials for the next connection: stored ones while valid (never
+    /// re-enrolling then), otherwise a fresh enrollment with the token.
+    async fn credentials(&mut self, config: &AgentConfig) -> Result<Held, CredentialsError> {
+        let (store, enrollment) = match &config.identity {
+            IdentitySource::Fixed(credentials) => {
+                return Held::from_credentials(credentials.clone()).map_err(CredentialsError::Fatal);
+            }
+            IdentitySource::StateDir { store, enrollment } => (store, enrollment),
+        };
+        let stored = store.load().map_err(CredentialsError::Fatal)?;
+        let expired = match stored {
+            Some(held) if !held.expired() => return Ok(held),
+            Some(held) => Some(held),
+            None => None,
+        };
+        let Some(enrollment) = enrollment else {
+            let remedy = "create a token with `flotilla-control-plane token create` and start the agent with --token (or FLOTILLA_TOKEN)";
+            return Err(CredentialsError::Fatal(match expired {
+                Some(held) => anyhow::anyhow!(
+                    "this droplet's certificate expired at {} while it was offline; it needs a new token: \
+                     create one with `flotilla-control-plane token create --droplet {}` and start the agent with --token",
+                    humantime::format_rfc3339_seconds(held.not_after),
+                    held.droplet
+                ),
+                None => {
+                    anyhow::anyhow!("no certificate in {} and no enrollment token: {remedy}", store.dir().display())
+                }
+            }));
+        };
+        tracing::info!(url = %enrollment.url, "enrolling with the token");
+        match enroll::enroll(&enrollment.url, &enrollment.token, &enrollment.trust, self.host.facts()).await {
+            Ok(enrolled) => {
+                store.save_bundle(&enrolled.bundle).map_err(CredentialsError::Fatal)?;
+                store.save_identity(&enrolled.cert_pem, &enrolled.key_pem).map_err(CredentialsError::Fatal)?;
+                let held = store.load().map_err(CredentialsError::Fatal)?.ok_or_else(|| {
+                    CredentialsError::Fatal(anyhow::anyhow!("the enrolled credentials did not persist"))
+                })?;
+                tracing::info!(droplet_id = %held.droplet, "enrolled");
+                Ok(held)
+            }
+            Err(enroll::EnrollError::Unreachable(error)) => Err(CredentialsError::Retry(anyhow::anyhow!(error))),
+            Err(error) => Err(CredentialsError::Fatal(error.into())),
+        }
+    }
+
     /// One session, from dial to end. Returns how it ended and whether `Welcome` came.
-    async fn session(
-        &mut self,
-        endpoint: &Endpoint,
-        shutdown: &CancellationToken,
-    ) -> (Ended, bool) {
+    async fn session(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken) -> (Ended, bool) {
         let mut welcomed = false;
         let ended = tokio::select! {
             () = shutdown.cancelled() => Ended::Shutdown,
@@ -226,28 +331,16 @@ impl Agent {
         (ended, welcomed)
     }
 
-    async fn session_inner(
-        &mut self,
-        endpoint: &Endpoint,
-        shutdown: &CancellationToken,
-        welcomed: &mut bool,
-    ) -> Ended {
+    async fn session_inner(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken, welcomed: &mut bool) -> Ended {
         let channel: Channel = match endpoint.connect().await {
             Ok(channel) => channel,
             Err(error) => {
-                return Ended::Failed(anyhow::anyhow!(
-                    "dialling {}: {}",
-                    endpoint.uri(),
-                    chain(&error)
-                ));
+                return Ended::Failed(anyhow::anyhow!("dialling {}: {}", endpoint.uri(), chain(&error)));
             }
         };
         let (tx, rx) = mpsc::channel(64);
         let mut wire = Wire { tx, seq: 0 };
-        if let Err(error) = wire
-            .send(agent_message::Kind::Hello(self.hello().await))
-            .await
-        {
+        if let Err(error) = wire.send(agent_message::Kind::Hello(self.hello().await)).await {
             return Ended::Failed(error);
         }
         let mut client = AgentGatewayClient::new(channel);
@@ -260,27 +353,18 @@ impl Agent {
 
         let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await;
         let welcome = match first {
-            Ok(Ok(Some(ControlMessage {
-                kind: Some(control_message::Kind::Welcome(welcome)),
-            }))) => welcome,
-            Ok(Ok(Some(ControlMessage {
-                kind: Some(control_message::Kind::Goodbye(goodbye)),
-            }))) => {
+            Ok(Ok(Some(ControlMessage { kind: Some(control_message::Kind::Welcome(welcome)) }))) => welcome,
+            Ok(Ok(Some(ControlMessage { kind: Some(control_message::Kind::Goodbye(goodbye)) }))) => {
                 return Ended::Goodbye(goodbye);
             }
             Ok(Ok(Some(other))) => {
                 return Ended::Failed(anyhow::anyhow!("expected Welcome, got {other:?}"));
             }
             Ok(Ok(None)) => {
-                return Ended::Failed(anyhow::anyhow!(
-                    "the control plane closed the session before Welcome"
-                ));
+                return Ended::Failed(anyhow::anyhow!("the control plane closed the session before Welcome"));
             }
             Ok(Err(status)) => {
-                return Ended::Failed(anyhow::anyhow!(
-                    "the session was refused: {}",
-                    chain(&status)
-                ));
+                return Ended::Failed(anyhow::anyhow!("the session was refused: {}", chain(&status)));
             }
             Err(_) => {
                 return Ended::Failed(anyhow::anyhow!("no Welcome within {WELCOME_TIMEOUT:?}"));
@@ -295,11 +379,33 @@ impl Agent {
             .unwrap_or(DEFAULT_HEARTBEAT);
         tracing::info!(droplet_id = %welcome.droplet_id, session_id = %welcome.session_id, heartbeat = ?interval, "session open");
 
+        if let (Some(store), Some(bundle)) = (&self.store, &welcome.trust_bundle)
+            && let Err(error) = store.save_bundle(&bundle.ca_certificates_pem)
+        {
+            tracing::warn!("could not store the trust bundle: {error:#}");
+        }
+
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ended::Shutdown,
+                () = renewal.due() => {
+                    match enroll::key_and_csr() {
+                        Ok((key, csr_pem)) => {
+                            tracing::info!("renewing the droplet's certificate");
+                            renewal.sent(key);
+                            if let Err(error) = wire.send(agent_message::Kind::RenewCertificate(RenewCertificate { csr_pem })).await {
+                                return Ended::Failed(error);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!("cannot make a CSR: {error:#}");
+                            renewal.sent_failed();
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let beat = Heartbeat { load: Some(self.load().await), sent_at: Some(std::time::SystemTime::now().into()) };
                     if let Err(error) = wire.send(agent_message::Kind::Heartbeat(beat)).await {
@@ -308,7 +414,7 @@ impl Agent {
                 }
                 message = inbound.message() => match message {
                     Ok(Some(ControlMessage { kind: Some(kind) })) => {
-                        if let Some(ended) = self.handle(kind, &mut wire).await {
+                        if let Some(ended) = self.handle(kind, &mut wire, &mut renewal).await {
                             return ended;
                         }
                     }
@@ -320,7 +426,41 @@ impl Agent {
         }
     }
 
-    async fn handle(&mut self, kind: control_message::Kind, wire: &mut Wire) -> Option<Ended> {
+    /// Keeps a renewed certificate for the next connection; this session goes on.
+    fn store_renewed(&mut self, certificate: flotilla::proto::Certificate, renewal: &mut Renewal) {
+        let (Some(store), Some(key)) = (&self.store, renewal.take_key()) else {
+            tracing::warn!("ignored a certificate nobody asked for");
+            return;
+        };
+        let saved = (|| {
+            let bundle = certificate.trust_bundle.unwrap_or_default().ca_certificates_pem;
+            let held = Held::from_credentials(Credentials {
+                cert_pem: certificate.certificate_chain_pem.clone(),
+                key_pem: key.serialize_pem(),
+                ca_pem: bundle.concat(),
+            })?;
+            anyhow::ensure!(
+                Some(held.droplet) == self.held.as_ref().map(|h| h.droplet),
+                "the certificate names another droplet"
+            );
+            store.save_bundle(&bundle)?;
+            store.save_identity(&certificate.certificate_chain_pem, &key.serialize_pem())?;
+            Ok(held)
+        })();
+        match saved {
+            Ok(held) => {
+                tracing::info!(not_after = %humantime::format_rfc3339_seconds(held.not_after), "stored the renewed certificate");
+                renewal.renewed(&held);
+                self.held = Some(held);
+            }
+            Err(error) => {
+                tracing::warn!("could not keep the renewed certificate: {error:#}");
+                renewal.sent_failed();
+            }
+        }
+    }
+
+    async fn handle(&mut self, kind: control_message::Kind, wire: &mut Wire, renewal: &mut Renewal) -> Option<Ended> {
         match kind {
             control_message::Kind::Goodbye(goodbye) => return Some(Ended::Goodbye(goodbye)),
             control_message::Kind::Command(command) => {
@@ -337,9 +477,7 @@ impl Agent {
                 }
             }
             control_message::Kind::Welcome(_) => tracing::debug!("ignored a second Welcome"),
-            control_message::Kind::Certificate(_) => {
-                tracing::debug!("ignored a certificate: renewal is not enabled")
-            }
+            control_message::Kind::Certificate(certificate) => self.store_renewed(certificate, renewal),
         }
         None
     }
@@ -370,8 +508,6 @@ impl Agent {
             None => 0,
         };
         let host = self.host.clone();
-        tokio::task::spawn_blocking(move || host.load(containers))
-            .await
-            .unwrap_or_default()
+        tokio::task::spawn_blocking(move || host.load(containers)).await.unwrap_or_default()
     }
 }

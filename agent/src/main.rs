@@ -2,7 +2,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use flotilla_agent::{AgentConfig, Credentials, config::AgentArgs};
+use flotilla_agent::{
+    AgentConfig, Credentials, Enrollment, IdentitySource,
+    config::AgentArgs,
+    enroll::{self, Trust},
+    identity::Store,
+};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -18,23 +23,36 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let read = |path: std::path::PathBuf, what: &str| {
-        std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading the {what} at {}: give it with --{what} or put it in --state-dir",
-                path.display()
-            )
+    let identity = if args.cert.is_some() || args.key.is_some() {
+        let read = |path: std::path::PathBuf, what: &str| {
+            std::fs::read_to_string(&path).with_context(|| format!("reading the {what} at {}", path.display()))
+        };
+        IdentitySource::Fixed(Credentials {
+            cert_pem: read(args.cert_path(), "certificate")?,
+            key_pem: read(args.key_path(), "key")?,
+            ca_pem: read(args.ca_path(), "CA bundle")?,
         })
-    };
-    let credentials = Credentials {
-        cert_pem: read(args.cert_path(), "cert")?,
-        key_pem: read(args.key_path(), "key")?,
-        ca_pem: read(args.ca_path(), "ca")?,
+    } else {
+        let enrollment = match &args.token {
+            None => None,
+            Some(token) => {
+                let trust = if args.trust_system_roots {
+                    Trust::SystemRoots
+                } else {
+                    let pin = args.ca_sha256.clone().or_else(|| enroll::pin_from_token(token)).context(
+                        "the token carries no CA pin: give --ca-sha256, or --trust-system-roots for a publicly trusted control plane",
+                    )?;
+                    Trust::Pin(pin.to_ascii_lowercase())
+                };
+                Some(Enrollment { token: token.clone(), url: args.enroll_url()?, trust })
+            }
+        };
+        IdentitySource::StateDir { store: Store::new(&args.state_dir), enrollment }
     };
     let config = AgentConfig {
         control_plane: args.control_plane,
         server_name: args.server_name,
-        credentials,
+        identity,
         docker_socket: args.docker_socket,
         disk_path: "/".into(),
         initial_backoff: args.initial_backoff,

@@ -2,15 +2,26 @@
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use flotilla::proto::{
-    self, Droplet, GetDropletRequest, HostFacts, HostLoad, ListDropletsRequest,
-    ListDropletsResponse, ProtocolVersion, fleet_server::Fleet,
+use std::time::Duration;
+
+use flotilla::{
+    DropletId,
+    proto::{
+        self, CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, DeleteDropletRequest, DeleteDropletResponse,
+        Droplet, EnrollmentToken, GetDropletRequest, HostFacts, HostLoad, ListDropletsRequest, ListDropletsResponse,
+        ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ProtocolVersion, RevokeEnrollmentTokenRequest,
+        fleet_server::Fleet,
+    },
 };
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::store::{self, DropletRow, DropletStatus};
+use crate::{
+    enrollment,
+    state::State,
+    store::{self, DropletRow, DropletStatus},
+};
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
@@ -18,11 +29,12 @@ const PAGE_TOKEN_PREFIX: &str = "droplets/after/";
 
 pub struct FleetApi {
     db: PgPool,
+    state: State,
 }
 
 impl FleetApi {
-    pub fn new(db: PgPool) -> Self {
-        Self { db }
+    pub fn new(state: State) -> Self {
+        Self { db: state.db.clone(), state }
     }
 }
 
@@ -33,16 +45,92 @@ fn db_error(error: sqlx::Error) -> Status {
 }
 
 fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
-    Uuid::try_parse(value)
-        .map_err(|_| Status::invalid_argument(format!("{field}: {value:?} is not a UUID")))
+    Uuid::try_parse(value).map_err(|_| Status::invalid_argument(format!("{field}: {value:?} is not a UUID")))
 }
 
 #[tonic::async_trait]
 impl Fleet for FleetApi {
-    async fn get_droplet(
+    async fn delete_droplet(
         &self,
-        request: Request<GetDropletRequest>,
-    ) -> Result<Response<Droplet>, Status> {
+        request: Request<DeleteDropletRequest>,
+    ) -> Result<Response<DeleteDropletResponse>, Status> {
+        let id = parse_id("id", &request.get_ref().id)?;
+        let revoked = match store::delete_droplet(&self.db, id).await.map_err(db_error)? {
+            Some(revoked) => revoked,
+            None => return Err(Status::not_found(format!("droplet {id} not found"))),
+        };
+        tracing::info!(droplet_id = %id, certificates = revoked.len(), "droplet deleted");
+        Ok(Response::new(DeleteDropletResponse { revoked_certificate_serials: revoked }))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        request: Request<CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<CreateEnrollmentTokenResponse>, Status> {
+        let request = request.into_inner();
+        let droplet = match request.droplet_id.as_str() {
+            "" => None,
+            id => Some(DropletId::from_uuid(parse_id("droplet_id", id)?)),
+        };
+        let ttl = match request.ttl {
+            None => enrollment::DEFAULT_TTL,
+            Some(ttl) => {
+                Duration::try_from(ttl).map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))?
+            }
+        };
+        let account = if request.account.is_empty() { store::DEFAULT_ACCOUNT } else { &request.account };
+        let ca = &self.state.authorities.active;
+        let created = enrollment::create(&self.db, ca, account, droplet, &request.name, ttl).await.map_err(
+            |error| match error {
+                enrollment::CreateError::Store(store::TokenCreateError::Database(error)) => db_error(error),
+                enrollment::CreateError::Store(store::TokenCreateError::OtherAccount(id)) => {
+                    Status::not_found(format!("droplet {id} not found"))
+                }
+                enrollment::CreateError::Store(store::TokenCreateError::NoAccount(_)) => {
+                    Status::not_found(format!("account: {error}"))
+                }
+                enrollment::CreateError::Store(store::TokenCreateError::Deleting(_)) => {
+                    Status::failed_precondition(format!("droplet_id: {error}"))
+                }
+                other => Status::invalid_argument(other.to_string()),
+            },
+        )?;
+        tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, "enrollment token created");
+        Ok(Response::new(CreateEnrollmentTokenResponse {
+            token: created.token,
+            enrollment_token: Some(token_to_proto(created.row)),
+            ca_sha256: ca.sha256_pin(),
+        }))
+    }
+
+    async fn list_enrollment_tokens(
+        &self,
+        request: Request<ListEnrollmentTokensRequest>,
+    ) -> Result<Response<ListEnrollmentTokensResponse>, Status> {
+        let account = Some(request.get_ref().account.as_str()).filter(|a| !a.is_empty());
+        let rows = store::list_tokens(&self.db, account).await.map_err(db_error)?;
+        Ok(Response::new(ListEnrollmentTokensResponse {
+            enrollment_tokens: rows.into_iter().map(token_to_proto).collect(),
+        }))
+    }
+
+    async fn revoke_enrollment_token(
+        &self,
+        request: Request<RevokeEnrollmentTokenRequest>,
+    ) -> Result<Response<EnrollmentToken>, Status> {
+        let id = parse_id("id", &request.get_ref().id)?;
+        store::revoke_token(&self.db, id).await.map_err(db_error)?;
+        let row = store::get_token(&self.db, id)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Status::not_found(format!("enrollment token {id} not found")))?;
+        if row.used_at.is_some() {
+            return Err(Status::failed_precondition(format!("enrollment token {id} was already used")));
+        }
+        Ok(Response::new(token_to_proto(row)))
+    }
+
+    async fn get_droplet(&self, request: Request<GetDropletRequest>) -> Result<Response<Droplet>, Status> {
         let id = parse_id("id", &request.get_ref().id)?;
         let row = store::get_droplet(&self.db, id).await.map_err(db_error)?;
         let row = row.ok_or_else(|| Status::not_found(format!("droplet {id} not found")))?;
@@ -57,9 +145,7 @@ impl Fleet for FleetApi {
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size: at most {MAX_PAGE_SIZE}, got {n}"
-                )));
+                return Err(Status::invalid_argument(format!("page_size: at most {MAX_PAGE_SIZE}, got {n}")));
             }
             n => n,
         };
@@ -71,16 +157,12 @@ impl Fleet for FleetApi {
             Ok(proto::DropletStatus::Unspecified) => None,
             Ok(status) => Some(status_from_proto(status)),
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "status: {} is not a droplet status",
-                    request.status
-                )));
+                return Err(Status::invalid_argument(format!("status: {} is not a droplet status", request.status)));
             }
         };
         // One more than asked tells whether another page follows.
-        let mut rows = store::list_droplets(&self.db, after, status, i64::from(page_size) + 1)
-            .await
-            .map_err(db_error)?;
+        let mut rows =
+            store::list_droplets(&self.db, after, status, i64::from(page_size) + 1).await.map_err(db_error)?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let next_page_token = match rows.last() {
@@ -106,6 +188,30 @@ fn decode_page_token(token: &str) -> Result<Uuid, Status> {
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let id = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(invalid)?;
     Uuid::try_parse(id).map_err(|_| invalid())
+}
+
+pub fn token_to_proto(row: store::TokenRow) -> EnrollmentToken {
+    use proto::enrollment_token::State as S;
+    let state = if row.revoked_at.is_some() {
+        S::Revoked
+    } else if row.used_at.is_some() {
+        S::Used
+    } else if row.expires_at <= Utc::now() {
+        S::Expired
+    } else {
+        S::Usable
+    };
+    EnrollmentToken {
+        id: row.id.to_string(),
+        account: row.account,
+        droplet_id: row.droplet_id.to_string(),
+        name: row.name,
+        created_at: Some(timestamp(row.created_at)),
+        expires_at: Some(timestamp(row.expires_at)),
+        used_at: row.used_at.map(timestamp),
+        revoked_at: row.revoked_at.map(timestamp),
+        state: state as i32,
+    }
 }
 
 fn status_from_proto(status: proto::DropletStatus) -> DropletStatus {
@@ -136,10 +242,7 @@ fn status_to_proto(status: &str) -> proto::DropletStatus {
 }
 
 fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn unsigned(v: i64) -> u64 {
@@ -196,12 +299,7 @@ mod tests {
     fn page_tokens_round_trip_and_foreign_ones_are_refused() {
         let id = Uuid::new_v4();
         assert_eq!(decode_page_token(&encode_page_token(id)).ok(), Some(id));
-        for bad in [
-            "",
-            "!!!",
-            "ZHJvcGxldHM",
-            &URL_SAFE_NO_PAD.encode("droplets/after/nope"),
-        ] {
+        for bad in ["", "!!!", "ZHJvcGxldHM", &URL_SAFE_NO_PAD.encode("droplets/after/nope")] {
             let status = decode_page_token(bad).expect_err(bad);
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with("page_token"));
@@ -210,15 +308,7 @@ mod tests {
 
     #[test]
     fn every_stored_status_maps_to_its_proto_value_and_back() {
-        for s in [
-            "pending",
-            "provisioning",
-            "online",
-            "unreachable",
-            "offline",
-            "error",
-            "deleting",
-        ] {
+        for s in ["pending", "provisioning", "online", "unreachable", "offline", "error", "deleting"] {
             let status = DropletStatus::parse(s).expect(s);
             assert_eq!(status_from_proto(status_to_proto(s)), status);
         }

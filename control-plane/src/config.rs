@@ -6,11 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use flotilla::DropletId;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "flotilla-control-plane",
-    version,
-    about = "The Flotilla control plane"
-)]
+#[command(name = "flotilla-control-plane", version, about = "The Flotilla control plane")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,27 +14,79 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the agent port and the fleet API.
+    /// Serve the agent port, the enrollment port and the fleet API.
     Serve(ServeArgs),
-    /// Manage the fleet's certificate authority.
+    /// Manage the fleet's certificate authorities.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Manage enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage droplets.
+    #[command(subcommand)]
+    Droplet(DropletCommand),
+    /// Manage droplet certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+/// Where the fleet's state and its CA key are.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Holds the server certificate, and the master key file when no key is given.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "/var/lib/flotilla")]
+    pub data_dir: PathBuf,
+    /// The key that encrypts the CA key in the database: 32 bytes as 64 hex digits or base64.
+    /// Every control plane on one database needs the same one.
+    #[arg(long, env = "FLOTILLA_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Read (or create) the master key here when --master-key is not given.
+    /// Default: <data-dir>/master.key.
+    #[arg(long, env = "FLOTILLA_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+}
+
+impl StateArgs {
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create the CA and the control plane's server certificate in the data directory.
+    /// Create the fleet CA (if there is none) and print its SHA-256 pin.
     Init {
-        #[arg(long, env = "FLOTILLA_DATA_DIR")]
-        data_dir: PathBuf,
-        /// A DNS name or IP address agents use to reach the control plane (repeatable).
-        #[arg(long = "public-name")]
-        public_names: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
     },
-    /// Write a client certificate for one droplet (agent.crt, agent.key, ca.crt).
+    /// List the CAs in service.
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Rotation, step 1: add a new CA that is trusted but does not sign yet.
+    Stage {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Rotation, step 2: the staged CA signs from the next start of each control plane;
+    /// the old one stays trusted.
+    Activate {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Rotation, step 3: stop trusting the old CA.
+    Retire {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Write a client certificate for one droplet (agent.crt, agent.key, ca.crt): an
+    /// operator's escape hatch; droplets normally enroll with a token.
     IssueAgent {
-        #[arg(long, env = "FLOTILLA_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
         #[arg(long)]
         droplet: DropletId,
         #[arg(long)]
@@ -49,25 +97,77 @@ pub enum CaCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time enrollment token (shown once).
+    Create {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long, default_value = "default")]
+        account: String,
+        /// An existing droplet to enroll again; a new droplet when omitted.
+        #[arg(long)]
+        droplet: Option<DropletId>,
+        /// At most 24h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Revoke an unused token.
+    Revoke {
+        #[command(flatten)]
+        state: StateArgs,
+        id: uuid::Uuid,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DropletCommand {
+    /// Delete a droplet: its certificates are revoked and its session closed at once.
+    Delete {
+        #[command(flatten)]
+        state: StateArgs,
+        id: DropletId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Revoke one certificate (by serial) or every certificate of a droplet (by id).
+    Revoke {
+        #[command(flatten)]
+        state: StateArgs,
+        /// A certificate serial (hex) or a droplet id.
+        target: String,
+    },
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Where agents connect (mutual TLS).
     #[arg(long, env = "FLOTILLA_AGENT_LISTEN", default_value = "0.0.0.0:7443")]
     pub agent_listen: SocketAddr,
+    /// Where droplets enroll with a token (server-authenticated TLS only).
+    #[arg(long, env = "FLOTILLA_ENROLL_LISTEN", default_value = "0.0.0.0:7444")]
+    pub enroll_listen: SocketAddr,
+    /// How long droplet certificates are valid; agents renew them at 50-80% of it.
+    #[arg(long, env = "FLOTILLA_CERT_VALIDITY", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_validity: Duration,
     /// The fleet API (gRPC). Plaintext and unauthenticated for now, so loopback by default.
     #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7080")]
     pub api_listen: SocketAddr,
-    /// Holds the CA and the server certificate.
-    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "/var/lib/flotilla")]
-    pub data_dir: PathBuf,
     /// A DNS name or IP address agents use to reach the control plane (repeatable).
-    #[arg(
-        long = "public-name",
-        env = "FLOTILLA_PUBLIC_NAMES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "public-name", env = "FLOTILLA_PUBLIC_NAMES", value_delimiter = ',')]
     pub public_names: Vec<String>,
     #[command(flatten)]
     pub timing: Timing,
@@ -152,15 +252,14 @@ mod tests {
 
     #[test]
     fn serve_has_safe_defaults() -> Result<(), clap::Error> {
-        let Command::Serve(args) = parse(&["serve", "--database-url", "postgres://x/y"])?.command
-        else {
+        let Command::Serve(args) = parse(&["serve", "--database-url", "postgres://x/y"])?.command else {
             panic!("not serve");
         };
         assert_eq!(args.agent_listen, "0.0.0.0:7443".parse().expect("addr"));
-        assert!(
-            args.api_listen.ip().is_loopback(),
-            "the unauthenticated API listens on loopback"
-        );
+        assert_eq!(args.enroll_listen, "0.0.0.0:7444".parse().expect("addr"));
+        assert_eq!(args.cert_validity, Duration::from_secs(24 * 3600));
+        assert_eq!(args.state.master_key_path(), PathBuf::from("/var/lib/flotilla/master.key"));
+        assert!(args.api_listen.ip().is_loopback(), "the unauthenticated API listens on loopback");
         assert_eq!(args.timing.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(args.timing.silence_limit(), Duration::from_secs(30));
         assert!(args.timing.validate().is_ok());
@@ -194,34 +293,12 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_flag_named() {
-        let err = parse(&[
-            "serve",
-            "--database-url",
-            "x",
-            "--heartbeat-interval",
-            "soon",
-        ])
-        .expect_err("not a duration");
+        let err = parse(&["serve", "--database-url", "x", "--heartbeat-interval", "soon"]).expect_err("not a duration");
         assert!(err.to_string().contains("--heartbeat-interval"), "{err}");
-        let timing = Timing {
-            heartbeat_interval: Duration::ZERO,
-            ..Timing::default()
-        };
-        assert_eq!(
-            timing.validate(),
-            Err("--heartbeat-interval must be greater than zero".into())
-        );
-        let err = parse(&[
-            "ca",
-            "issue-agent",
-            "--data-dir",
-            "d",
-            "--droplet",
-            "nope",
-            "--out",
-            "o",
-        ])
-        .expect_err("not a uuid");
+        let timing = Timing { heartbeat_interval: Duration::ZERO, ..Timing::default() };
+        assert_eq!(timing.validate(), Err("--heartbeat-interval must be greater than zero".into()));
+        let err = parse(&["ca", "issue-agent", "--data-dir", "d", "--droplet", "nope", "--out", "o"])
+            .expect_err("not a uuid");
         assert!(err.to_string().contains("--droplet"), "{err}");
     }
 }

@@ -4,9 +4,8 @@ use std::pin::Pin;
 
 use flotilla::{
     proto::{
-        AgentMessage, ControlMessage, EnrollRequest, EnrollResponse, Goodbye, Hello, TrustBundle,
-        Welcome, agent_gateway_server::AgentGateway, agent_message, control_message,
-        goodbye::Reason,
+        AgentMessage, Certificate, ControlMessage, EnrollRequest, EnrollResponse, Goodbye, Hello, Welcome,
+        agent_gateway_server::AgentGateway, agent_message, control_message, goodbye::Reason,
     },
     protocol,
 };
@@ -18,6 +17,8 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
+    enrollment::{self, EnrollError},
+    pki::CsrError,
     sessions::{Beat, Outbound},
     state::State,
     store::{self, Claim, DropletStatus},
@@ -41,11 +42,34 @@ type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> +
 
 #[tonic::async_trait]
 impl AgentGateway for Gateway {
-    async fn enroll(&self, _: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
-        Err(Status::unimplemented(
-            "enrollment with a token is not available on this control plane yet; \
-             issue a certificate with `flotilla-control-plane ca issue-agent`",
-        ))
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let remote = request.remote_addr();
+        let request = request.into_inner();
+        let state = &self.state;
+        let outcome = enrollment::enroll(
+            &state.db,
+            &state.authorities.active,
+            &request.token,
+            &request.csr_pem,
+            state.cert_validity,
+        )
+        .await;
+        match outcome {
+            Ok((droplet, issued)) => {
+                tracing::info!(droplet_id = %droplet, serial = %issued.serial, ?remote, "droplet enrolled");
+                Ok(Response::new(EnrollResponse {
+                    droplet_id: droplet.to_string(),
+                    certificate_chain_pem: issued.cert_pem,
+                    trust_bundle: Some(state.trust_bundle()),
+                    not_after: Some(timestamp(issued.not_after)),
+                }))
+            }
+            Err(error) => {
+                // The error never contains the token or the CSR.
+                tracing::warn!(?remote, %error, "refused an enrollment");
+                Err(enroll_status(error))
+            }
+        }
     }
 
     type ConnectStream = ControlStream;
@@ -63,15 +87,34 @@ impl AgentGateway for Gateway {
         let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let session_id = Uuid::new_v4();
         let span = tracing::info_span!("session", droplet_id = %peer.droplet_id, %session_id);
-        let session = Session {
-            state: self.state.clone(),
-            peer,
-            session_id,
-            outbound,
-        };
+        let session = Session { state: self.state.clone(), peer, session_id, outbound };
         tokio::spawn(session.run(request.into_inner()).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+fn enroll_status(error: EnrollError) -> Status {
+    match error {
+        EnrollError::Malformed(_) | EnrollError::Csr(CsrError::Invalid(_)) => {
+            Status::invalid_argument(error.to_string())
+        }
+        EnrollError::Unknown => Status::unauthenticated(error.to_string()),
+        EnrollError::Used(_) | EnrollError::Expired(..) | EnrollError::Revoked(_) => {
+            Status::permission_denied(error.to_string())
+        }
+        EnrollError::Csr(CsrError::Signing(_)) => {
+            tracing::error!(%error, "signing failed");
+            Status::internal("the control plane could not sign the request")
+        }
+        EnrollError::Database(error) => {
+            tracing::error!(%error, "database error during enrollment");
+            Status::unavailable("the control plane's database is unavailable; try again")
+        }
+    }
+}
+
+pub fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 }
 }
 
 struct Session {
@@ -82,11 +125,7 @@ struct Session {
 }
 
 fn goodbye(reason: Reason, message: impl Into<String>) -> Goodbye {
-    Goodbye {
-        reason: reason as i32,
-        message: message.into(),
-        ..Default::default()
-    }
+    Goodbye { reason: reason as i32, message: message.into(), ..Default::default() }
 }
 
 impl Session {
@@ -96,37 +135,41 @@ impl Session {
         };
         let droplet = self.peer.droplet_id;
 
-        match store::claim_droplet(&self.state.db, droplet, self.session_id, &hello).await {
+        match store::claim_droplet(&self.state.db, droplet, self.session_id, &self.peer.serial, &hello).await {
             Ok(Claim::Held) => {}
+            Ok(Claim::Revoked) => {
+                self.say_goodbye(goodbye(Reason::Revoked, "this droplet's certificate was revoked")).await;
+                return;
+            }
             Ok(Claim::Deleting) => {
-                self.say_goodbye(goodbye(Reason::Revoked, "this droplet is being deleted"))
-                    .await;
+                self.say_goodbye(goodbye(Reason::Revoked, "this droplet is being deleted")).await;
                 return;
             }
             Err(error) => {
                 tracing::error!(%error, "could not record the session");
-                let _ = self
-                    .outbound
-                    .send(Err(Status::unavailable(
-                        "the control plane's database is unavailable",
-                    )))
-                    .await;
+                let _ =
+                    self.outbound.send(Err(Status::unavailable("the control plane's database is unavailable"))).await;
                 return;
             }
         }
 
         let end = CancellationToken::new();
-        if let Some(old) = self.state.sessions.register(
+        let registered = self.state.sessions.register(
             droplet,
             self.session_id,
+            self.peer.serial.clone(),
             self.outbound.clone(),
             end.clone(),
-        ) {
+        );
+        if let Some(old) = registered {
             tracing::info!(old_session = %old.session_id, "a new session displaced the old one");
-            old.close(goodbye(
-                Reason::Superseded,
-                "a newer session for this droplet took over",
-            ));
+            old.close(goodbye(Reason::Superseded, "a newer session for this droplet took over"));
+        }
+        // A revocation that arrived between the handshake and the registration found no
+        // session to close; the cache has it by now.
+        if self.state.revocations.is_revoked(&self.peer.serial) {
+            let message = "this droplet's certificate was revoked";
+            self.state.sessions.close_if_serial(droplet, &self.peer.serial, Reason::Revoked, message);
         }
         tracing::info!(
             remote = %self.peer.remote_addr,
@@ -135,10 +178,7 @@ impl Session {
             "droplet online"
         );
 
-        if self
-            .send(control_message::Kind::Welcome(self.welcome()))
-            .await
-        {
+        if self.send(control_message::Kind::Welcome(self.welcome())).await {
             self.serve(&mut inbound, &end).await;
         }
 
@@ -148,9 +188,7 @@ impl Session {
             {
                 tracing::warn!(%error, "could not write the last heartbeat");
             }
-            if let Err(error) =
-                store::release_droplet(&self.state.db, droplet, self.session_id).await
-            {
+            if let Err(error) = store::release_droplet(&self.state.db, droplet, self.session_id).await {
                 tracing::error!(%error, "could not record the end of the session");
             }
         }
@@ -161,16 +199,9 @@ impl Session {
     async fn await_hello(&self, inbound: &mut Streaming<AgentMessage>) -> Option<Hello> {
         let first = tokio::time::timeout(self.state.timing.hello_timeout, inbound.message()).await;
         let hello = match first {
-            Ok(Ok(Some(AgentMessage {
-                kind: Some(agent_message::Kind::Hello(hello)),
-                ..
-            }))) => hello,
+            Ok(Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Hello(hello)), .. }))) => hello,
             Ok(Ok(Some(_))) => {
-                self.say_goodbye(goodbye(
-                    Reason::ProtocolError,
-                    "the first message of a session must be Hello",
-                ))
-                .await;
+                self.say_goodbye(goodbye(Reason::ProtocolError, "the first message of a session must be Hello")).await;
                 return None;
             }
             Ok(Ok(None)) => return None,
@@ -179,8 +210,7 @@ impl Session {
                 return None;
             }
             Err(_) => {
-                self.say_goodbye(goodbye(Reason::ProtocolError, "no Hello in time"))
-                    .await;
+                self.say_goodbye(goodbye(Reason::ProtocolError, "no Hello in time")).await;
                 return None;
             }
         };
@@ -207,14 +237,9 @@ impl Session {
         Welcome {
             protocol: Some(protocol::CURRENT),
             droplet_id: self.peer.droplet_id.to_string(),
-            heartbeat_interval: prost_types::Duration::try_from(
-                self.state.timing.heartbeat_interval,
-            )
-            .ok(),
+            heartbeat_interval: prost_types::Duration::try_from(self.state.timing.heartbeat_interval).ok(),
             server_time: Some(std::time::SystemTime::now().into()),
-            trust_bundle: Some(TrustBundle {
-                ca_certificates_pem: self.state.trust_bundle.to_vec(),
-            }),
+            trust_bundle: Some(self.state.trust_bundle()),
             session_id: self.session_id.to_string(),
         }
     }
@@ -244,20 +269,8 @@ impl Session {
         match message.kind {
             Some(agent_message::Kind::Heartbeat(heartbeat)) => {
                 let load = heartbeat.load.unwrap_or_default();
-                if self
-                    .state
-                    .sessions
-                    .heartbeat(droplet, self.session_id, load)
-                    == Beat::Recovered
-                {
-                    match store::set_liveness(
-                        &self.state.db,
-                        droplet,
-                        self.session_id,
-                        DropletStatus::Online,
-                    )
-                    .await
-                    {
+                if self.state.sessions.heartbeat(droplet, self.session_id, load) == Beat::Recovered {
+                    match store::set_liveness(&self.state.db, droplet, self.session_id, DropletStatus::Online).await {
                         Ok(_) => tracing::info!("droplet reachable again"),
                         Err(error) => {
                             tracing::error!(%error, "could not record that the droplet is back")
@@ -265,6 +278,7 @@ impl Session {
                     }
                 }
             }
+            Some(agent_message::Kind::RenewCertificate(renew)) => self.renew(&renew.csr_pem).await,
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("ignored a second Hello in one session");
             }
@@ -275,11 +289,38 @@ impl Session {
         }
     }
 
+    /// Signs a fresh CSR for the droplet this session's certificate names, and nothing else.
+    async fn renew(&self, csr_pem: &str) {
+        let droplet = self.peer.droplet_id;
+        let state = &self.state;
+        let ca = &state.authorities.active;
+        let issued = match enrollment::sign_for(ca, csr_pem, droplet, state.cert_validity) {
+            Ok(issued) => issued,
+            Err(error) => {
+                tracing::warn!(%error, "refused a certificate renewal");
+                return;
+            }
+        };
+        let recorded = async {
+            let mut conn = state.db.acquire().await?;
+            enrollment::record(&mut conn, ca, droplet, &issued, "renewal").await
+        }
+        .await;
+        if let Err(error) = recorded {
+            tracing::error!(%error, "could not record a renewed certificate; not handing it out");
+            return;
+        }
+        tracing::info!(serial = %issued.serial, not_after = %issued.not_after, "renewed the droplet's certificate");
+        let certificate = Certificate {
+            certificate_chain_pem: issued.cert_pem,
+            trust_bundle: Some(state.trust_bundle()),
+            not_after: Some(timestamp(issued.not_after)),
+        };
+        self.send(control_message::Kind::Certificate(certificate)).await;
+    }
+
     async fn send(&self, kind: control_message::Kind) -> bool {
-        self.outbound
-            .send(Ok(ControlMessage { kind: Some(kind) }))
-            .await
-            .is_ok()
+        self.outbound.send(Ok(ControlMessage { kind: Some(kind) })).await.is_ok()
     }
 
     async fn say_goodbye(&self, goodbye: Goodbye) {

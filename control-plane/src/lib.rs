@@ -5,9 +5,12 @@
 
 pub mod api;
 pub mod config;
+pub mod crypto;
+pub mod enrollment;
 pub mod gateway;
 pub mod liveness;
 pub mod pki;
+pub mod revocation;
 pub mod server;
 pub mod sessions;
 pub mod state;

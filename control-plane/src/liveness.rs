@@ -66,9 +66,7 @@ async fn monitor(state: State, stop: CancellationToken) {
             _ = ticker.tick() => {}
         }
         for (droplet, session_id) in state.sessions.mark_silent(limit) {
-            match store::set_liveness(&state.db, droplet, session_id, DropletStatus::Unreachable)
-                .await
-            {
+            match store::set_liveness(&state.db, droplet, session_id, DropletStatus::Unreachable).await {
                 Ok(_) => {
                     tracing::warn!(droplet_id = %droplet, silent_for = ?limit, "droplet unreachable: heartbeats stopped")
                 }

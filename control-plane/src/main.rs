@@ -1,13 +1,17 @@
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use flotilla::DropletId;
 use flotilla_control_plane::{
-    Listeners, ServeConfig,
-    config::{CaCommand, Cli, Command, ServeArgs},
-    pki::{self, Ca},
-    serve, server, store,
+    Listeners, ServeConfig, api,
+    config::{CaCommand, CertCommand, Cli, Command, DropletCommand, ServeArgs, StateArgs, TokenCommand},
+    crypto::MasterKey,
+    enrollment,
+    pki::{self, Authorities},
+    serve, store,
 };
+use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
@@ -23,70 +27,166 @@ async fn main() -> ExitCode {
     }
 }
 
+fn master_key(state: &StateArgs) -> anyhow::Result<MasterKey> {
+    match &state.master_key {
+        Some(text) => MasterKey::parse(text).context("--master-key / FLOTILLA_MASTER_KEY"),
+        None => MasterKey::load_or_create(&state.master_key_path()),
+    }
+}
+
+async fn open(state: &StateArgs) -> anyhow::Result<(PgPool, MasterKey)> {
+    let key = master_key(state)?;
+    Ok((store::connect(&state.database_url, 4).await?, key))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => run_serve(args).await,
-        Command::Ca(CaCommand::Init {
-            data_dir,
-            public_names,
-        }) => {
-            let (ca, created) = Ca::load_or_create(&data_dir)?;
-            let server = ca.issue_server(
-                &server::server_names(&public_names),
-                server::SERVER_CERT_VALIDITY,
-            )?;
-            pki::write_pair(&data_dir, "server", &server)?;
-            let verb = if created {
-                "created"
-            } else {
-                "kept the existing"
-            };
-            println!(
-                "{verb} CA in {}\nCA sha256: {}",
-                data_dir.display(),
-                ca.sha256_pin()
-            );
-            Ok(())
+        Command::Ca(command) => run_ca(command).await,
+        Command::Token(command) => run_token(command).await,
+        Command::Droplet(DropletCommand::Delete { state, id }) => {
+            let db = store::connect(&state.database_url, 2).await?;
+            match store::delete_droplet(&db, id.as_uuid()).await? {
+                Some(revoked) => {
+                    println!("deleted droplet {id}; revoked {} certificate(s)", revoked.len());
+                    Ok(())
+                }
+                None => anyhow::bail!("droplet {id} not found"),
+            }
         }
-        Command::Ca(CaCommand::IssueAgent {
-            data_dir,
-            droplet,
-            out,
-            valid_for,
-        }) => {
-            let ca = Ca::load(&data_dir).with_context(|| {
-                format!(
-                    "no CA in {}: run `flotilla-control-plane ca init` first",
-                    data_dir.display()
-                )
-            })?;
-            let now = OffsetDateTime::now_utc();
-            let issued = ca.issue_agent(droplet, now - pki::BACKDATE, now + valid_for)?;
-            pki::write_pair(&out, "agent", &issued)?;
-            std::fs::write(out.join("ca.crt"), ca.cert_pem()).context("writing ca.crt")?;
-            println!(
-                "wrote agent.crt, agent.key and ca.crt for droplet {droplet} to {}",
-                out.display()
-            );
+        Command::Cert(CertCommand::Revoke { state, target }) => {
+            let db = store::connect(&state.database_url, 2).await?;
+            let what = match target.parse::<DropletId>() {
+                Ok(droplet) => store::Revoke::Droplet(droplet.as_uuid()),
+                Err(_) if !target.is_empty() && target.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    store::Revoke::Serial(target.to_ascii_lowercase())
+                }
+                Err(_) => anyhow::bail!("{target:?} is neither a droplet id nor a certificate serial (hex)"),
+            };
+            let mut conn = db.acquire().await?;
+            let revoked = store::revoke_certificates(&mut conn, &what).await?;
+            if revoked.is_empty() {
+                anyhow::bail!("no unrevoked certificate matches {target}");
+            }
+            for (serial, droplet) in revoked {
+                println!("revoked {serial} (droplet {droplet})");
+            }
             Ok(())
         }
     }
 }
 
+async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { state } => {
+            let (db, key) = open(&state).await?;
+            let (authorities, created) = Authorities::load_or_create(&db, &key).await?;
+            let verb = if created { "created" } else { "kept the existing" };
+            println!("{verb} fleet CA {}\nCA sha256: {}", authorities.active.id, authorities.active.sha256_pin());
+            pki::write_bundle(&state.data_dir, &authorities.bundle)?;
+            Ok(())
+        }
+        CaCommand::List { state } => {
+            let (db, _) = open(&state).await?;
+            let mut conn = db.acquire().await?;
+            for row in store::authorities_in_service(&mut conn).await? {
+                println!("{}  {:<8}  sha256 {}  created {}", row.id, row.state, row.sha256, row.created_at);
+            }
+            Ok(())
+        }
+        CaCommand::Stage { state } => {
+            let (db, key) = open(&state).await?;
+            let id = Authorities::stage_next(&db, &key).await?;
+            println!("staged CA {id}: restart each control plane so agents receive it, then `ca activate`");
+            Ok(())
+        }
+        CaCommand::Activate { state } => {
+            let (db, _) = open(&state).await?;
+            let id = Authorities::activate_next(&db).await?;
+            println!("CA {id} signs from the next start of each control plane; the old one stays trusted");
+            Ok(())
+        }
+        CaCommand::Retire { state } => {
+            let (db, _) = open(&state).await?;
+            match Authorities::retire(&db).await? {
+                Some(id) => println!("retired CA {id}: restart each control plane to stop trusting it"),
+                None => println!("no CA was retiring"),
+            }
+            Ok(())
+        }
+        CaCommand::IssueAgent { state, droplet, out, valid_for } => {
+            let (db, key) = open(&state).await?;
+            let (authorities, _) = Authorities::load_or_create(&db, &key).await?;
+            let ca = &authorities.active;
+            let now = OffsetDateTime::now_utc();
+            let issued = ca.issue_agent(droplet, now - pki::BACKDATE, now + valid_for)?;
+            let mut conn = db.acquire().await?;
+            enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
+            pki::write_pair(&out, "agent", &issued)?;
+            pki::write_bundle(&out, &authorities.bundle)?;
+            println!("wrote agent.crt, agent.key and ca.crt for droplet {droplet} to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { state, account, droplet, ttl, name } => {
+            let (db, key) = open(&state).await?;
+            let (authorities, _) = Authorities::load_or_create(&db, &key).await?;
+            let created = enrollment::create(&db, &authorities.active, &account, droplet, &name, ttl).await?;
+            eprintln!(
+                "token {} for droplet {} (expires {}); it is shown once:",
+                created.row.id, created.row.droplet_id, created.row.expires_at
+            );
+            println!("{}", created.token);
+            Ok(())
+        }
+        TokenCommand::List { state, account } => {
+            let db = store::connect(&state.database_url, 2).await?;
+            for row in store::list_tokens(&db, account.as_deref()).await? {
+                let token = api::token_to_proto(row);
+                println!(
+                    "{}  {:<8}  droplet {}  {:?}  expires {}",
+                    token.id,
+                    token.account,
+                    token.droplet_id,
+                    token.state(),
+                    token.expires_at.map(|t| t.to_string()).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { state, id } => {
+            let db = store::connect(&state.database_url, 2).await?;
+            if store::revoke_token(&db, id).await? {
+                println!("revoked token {id}");
+                Ok(())
+            } else {
+                anyhow::bail!("no unused, unrevoked token {id}")
+            }
+        }
+    }
+}
+
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    let agent = TcpListener::bind(args.agent_listen)
-        .await
-        .with_context(|| format!("binding the agent port {}", args.agent_listen))?;
-    let api = TcpListener::bind(args.api_listen)
-        .await
-        .with_context(|| format!("binding the API port {}", args.api_listen))?;
-    let db = store::connect(&args.database_url, args.database_connections).await?;
+    let bind = |addr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} port {addr}"))
+    };
+    let agent = bind(args.agent_listen, "agent").await?;
+    let enroll = bind(args.enroll_listen, "enrollment").await?;
+    let api = bind(args.api_listen, "API").await?;
+    let key = master_key(&args.state)?;
+    let db = store::connect(&args.state.database_url, args.database_connections).await?;
     let config = ServeConfig {
-        data_dir: args.data_dir,
+        data_dir: args.state.data_dir,
         public_names: args.public_names,
         timing: args.timing,
+        master_key: Arc::new(key),
+        cert_validity: args.cert_validity,
     };
-    serve(db, config, Listeners { agent, api }, shutdown_signal()).await
+    serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }
 
 /// Resolves on SIGTERM or ctrl-c.

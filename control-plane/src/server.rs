@@ -5,8 +5,7 @@ use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use flotilla::proto::{
-    FILE_DESCRIPTOR_SET, Goodbye, agent_gateway_server::AgentGatewayServer,
-    fleet_server::FleetServer, goodbye::Reason,
+    FILE_DESCRIPTOR_SET, Goodbye, agent_gateway_server::AgentGatewayServer, fleet_server::FleetServer, goodbye::Reason,
 };
 use rand::Rng as _;
 use sqlx::PgPool;
@@ -18,9 +17,11 @@ use tonic::transport::Server;
 use crate::{
     api::FleetApi,
     config::Timing,
+    crypto::MasterKey,
     gateway::Gateway,
     liveness,
-    pki::{self, Ca},
+    pki::{self, Authorities},
+    revocation::{self, Revocations},
     sessions::Sessions,
     state::State,
     store, tls,
@@ -35,11 +36,16 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub public_names: Vec<String>,
     pub timing: Timing,
+    /// Decrypts the CA key stored in PostgreSQL.
+    pub master_key: Arc<MasterKey>,
+    /// How long droplet certificates are valid.
+    pub cert_validity: Duration,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
 pub struct Listeners {
     pub agent: TcpListener,
+    pub enroll: TcpListener,
     pub api: TcpListener,
 }
 
@@ -53,22 +59,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.timing.validate().map_err(anyhow::Error::msg)?;
-    store::MIGRATOR
-        .run(&db)
-        .await
-        .context("applying database migrations")?;
+    store::MIGRATOR.run(&db).await.context("applying database migrations")?;
 
-    let (ca, created) = Ca::load_or_create(&config.data_dir)?;
+    if config.cert_validity < Duration::from_secs(1) {
+        anyhow::bail!("--cert-validity must be at least one second");
+    }
+    let (authorities, created) = Authorities::load_or_create(&db, &config.master_key).await?;
+    let ca = &authorities.active;
     if created {
-        tracing::info!(dir = %config.data_dir.display(), sha256 = %ca.sha256_pin(), "created the fleet CA");
+        tracing::info!(sha256 = %ca.sha256_pin(), "created the fleet CA");
     }
     let server_cert = ca.issue_server(&server_names(&config.public_names), SERVER_CERT_VALIDITY)?;
     pki::write_pair(&config.data_dir, "server", &server_cert)?;
-    let tls_config = tls::agent_server_config(&ca, &server_cert)?;
+    pki::write_bundle(&config.data_dir, &authorities.bundle)?;
+    let revocations = Revocations::default();
+    let agent_tls = tls::agent_server_config(&authorities, &server_cert, revocations.clone())?;
+    let enroll_tls = tls::enroll_server_config(&authorities, &server_cert)?;
+    let ca_pin = ca.sha256_pin();
 
-    let released = store::release_stale_sessions(&db)
-        .await
-        .context("releasing stale sessions")?;
+    let released = store::release_stale_sessions(&db).await.context("releasing stale sessions")?;
     if released > 0 {
         tracing::info!(
             droplets = released,
@@ -80,7 +89,9 @@ pub async fn serve(
         db,
         sessions: Sessions::default(),
         timing: config.timing,
-        trust_bundle: Arc::from(vec![ca.cert_pem().to_owned()]),
+        authorities: Arc::new(authorities),
+        revocations,
+        cert_validity: config.cert_validity,
     };
 
     let stop_accepting = CancellationToken::new();
@@ -88,10 +99,25 @@ pub async fn serve(
     let stop_servers = CancellationToken::new();
     let mut background = JoinSet::new();
     liveness::spawn(&state, &stop_background, &mut background);
+    revocation::spawn_listener(
+        state.db.clone(),
+        state.revocations.clone(),
+        state.sessions.clone(),
+        stop_background.clone(),
+        &mut background,
+    )
+    .await
+    .context("listening for revocations")?;
 
     let agent_addr = listeners.agent.local_addr()?;
     let api_addr = listeners.api.local_addr()?;
-    let incoming = tls::accept_agents(listeners.agent, tls_config, stop_accepting.clone());
+    let enroll_addr = listeners.enroll.local_addr()?;
+    let enroll_incoming = tls::accept_tls(listeners.enroll, enroll_tls, stop_accepting.clone());
+    let enroll_server = Server::builder()
+        .add_service(AgentGatewayServer::new(Gateway::new(state.clone())))
+        .serve_with_incoming_shutdown(enroll_incoming, stop_servers.clone().cancelled_owned());
+    let enroll_server = tokio::spawn(enroll_server);
+    let incoming = tls::accept_agents(listeners.agent, agent_tls, stop_accepting.clone());
     let agent_server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -101,7 +127,7 @@ pub async fn serve(
 
     let api_server = api_server(&state, listeners.api, stop_servers.clone())?;
     let api_server = tokio::spawn(api_server);
-    tracing::info!(agent = %agent_addr, api = %api_addr, ca_sha256 = %ca.sha256_pin(), "control plane serving");
+    tracing::info!(agent = %agent_addr, api = %api_addr, enroll = %enroll_addr, ca_sha256 = %ca_pin, "control plane serving");
 
     shutdown.await;
     tracing::info!(sessions = state.sessions.len(), "shutting down");
@@ -120,17 +146,14 @@ pub async fn serve(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(
-            sessions = state.sessions.len(),
-            "sessions did not close within the grace; cutting them"
-        );
+        tracing::warn!(sessions = state.sessions.len(), "sessions did not close within the grace; cutting them");
         state.sessions.cancel_all();
     }
     stop_background.cancel();
     while background.join_next().await.is_some() {}
     stop_servers.cancel();
     let grace = config.timing.shutdown_grace;
-    for (name, server) in [("agent", agent_server), ("api", api_server)] {
+    for (name, server) in [("agent", agent_server), ("enroll", enroll_server), ("api", api_server)] {
         match tokio::time::timeout(grace, server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => {
@@ -166,7 +189,7 @@ fn api_server(
     let reflection_v1 = reflection().build_v1().context("building gRPC reflection (v1)")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection (v1alpha)")?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let fleet = FleetServer::new(FleetApi::new(state.db.clone()));
+    let fleet = FleetServer::new(FleetApi::new(state.clone()));
     let server = Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
@@ -175,9 +198,7 @@ fn api_server(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             health_reporter.set_serving::<FleetServer<FleetApi>>().await;
             stop.cancelled().await;
-            health_reporter
-                .set_not_serving::<FleetServer<FleetApi>>()
-                .await;
+            health_reporter.set_not_serving::<FleetServer<FleetApi>>().await;
         });
     Ok(server)
 }
@@ -210,11 +231,7 @@ mod tests {
     fn reconnect_hints_spread_within_bounds() {
         let spread = Duration::from_secs(10);
         let hints: Vec<_> = (0..200).map(|_| jitter(spread)).collect();
-        assert!(
-            hints
-                .iter()
-                .all(|h| *h >= Duration::from_secs(1) && *h <= spread)
-        );
+        assert!(hints.iter().all(|h| *h >= Duration::from_secs(1) && *h <= spread));
         let distinct: std::collections::HashSet<_> = hints.iter().collect();
         assert!(distinct.len() > 150, "hints are spread, not one value");
         assert_eq!(jitter(Duration::ZERO), Duration::ZERO);

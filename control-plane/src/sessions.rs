@@ -12,7 +12,7 @@ use std::{
 use chrono::Utc;
 use flotilla::{
     DropletId,
-    proto::{ControlMessage, Goodbye, HostLoad, control_message},
+    proto::{ControlMessage, Goodbye, HostLoad, control_message, goodbye::Reason},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,8 @@ pub struct Sessions {
 
 struct Entry {
     session_id: Uuid,
+    /// The serial of the certificate the session authenticated with.
+    serial: String,
     outbound: Outbound,
     /// Cancelled to end the session's task.
     end: CancellationToken,
@@ -68,9 +70,7 @@ pub enum Beat {
 }
 
 fn send_goodbye(outbound: &Outbound, end: &CancellationToken, goodbye: Goodbye) {
-    let message = ControlMessage {
-        kind: Some(control_message::Kind::Goodbye(goodbye)),
-    };
+    let message = ControlMessage { kind: Some(control_message::Kind::Goodbye(goodbye)) };
     // A full queue means the agent is not reading; it gets no goodbye, just the close.
     let _ = outbound.try_send(Ok(message));
     end.cancel();
@@ -80,9 +80,7 @@ impl Sessions {
     fn lock(&self) -> MutexGuard<'_, HashMap<DropletId, Entry>> {
         // A panic while holding this lock cannot leave the map half-updated: every
         // critical section is a single insert, remove or field write.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers a session, returning the one it displaced for the same droplet.
@@ -90,11 +88,13 @@ impl Sessions {
         &self,
         droplet: DropletId,
         session_id: Uuid,
+        serial: String,
         outbound: Outbound,
         end: CancellationToken,
     ) -> Option<Displaced> {
         let entry = Entry {
             session_id,
+            serial,
             outbound,
             end,
             last_heartbeat: Instant::now(),
@@ -113,9 +113,7 @@ impl Sessions {
     pub fn remove(&self, droplet: DropletId, session_id: Uuid) -> Option<Option<SeenLoad>> {
         let mut map = self.lock();
         match map.get(&droplet) {
-            Some(entry) if entry.session_id == session_id => {
-                map.remove(&droplet).map(|e| e.pending)
-            }
+            Some(entry) if entry.session_id == session_id => map.remove(&droplet).map(|e| e.pending),
             _ => None,
         }
     }
@@ -127,24 +125,13 @@ impl Sessions {
             return Beat::Unknown;
         };
         entry.last_heartbeat = Instant::now();
-        entry.pending = Some(SeenLoad {
-            droplet,
-            seen_at: Utc::now(),
-            load,
-        });
-        if std::mem::replace(&mut entry.unreachable, false) {
-            Beat::Recovered
-        } else {
-            Beat::Recorded
-        }
+        entry.pending = Some(SeenLoad { droplet, seen_at: Utc::now(), load });
+        if std::mem::replace(&mut entry.unreachable, false) { Beat::Recovered } else { Beat::Recorded }
     }
 
     /// Takes every heartbeat not yet written.
     pub fn take_pending(&self) -> Vec<SeenLoad> {
-        self.lock()
-            .values_mut()
-            .filter_map(|e| e.pending.take())
-            .collect()
+        self.lock().values_mut().filter_map(|e| e.pending.take()).collect()
     }
 
     /// Marks unreachable every session silent for longer than `silence`, returning the ones
@@ -159,6 +146,16 @@ impl Sessions {
                 (*droplet, e.session_id)
             })
             .collect()
+    }
+
+    /// Closes the droplet's session if it runs on the certificate `serial`. Returns whether
+    /// one was closed.
+    pub fn close_if_serial(&self, droplet: DropletId, serial: &str, reason: Reason, message: &str) -> bool {
+        let map = self.lock();
+        let Some(entry) = map.get(&droplet).filter(|e| e.serial == serial) else { return false };
+        let goodbye = Goodbye { reason: reason as i32, message: message.into(), ..Default::default() };
+        send_goodbye(&entry.outbound, &entry.end, goodbye);
+        true
     }
 
     /// Says goodbye to every session; `goodbye` makes each one's message.
@@ -191,15 +188,11 @@ mod tests {
     fn entry(
         sessions: &Sessions,
         droplet: DropletId,
-    ) -> (
-        Uuid,
-        mpsc::Receiver<Result<ControlMessage, Status>>,
-        CancellationToken,
-    ) {
+    ) -> (Uuid, mpsc::Receiver<Result<ControlMessage, Status>>, CancellationToken) {
         let (tx, rx) = mpsc::channel(4);
         let end = CancellationToken::new();
         let id = Uuid::new_v4();
-        assert!(sessions.register(droplet, id, tx, end.clone()).is_none());
+        assert!(sessions.register(droplet, id, "01".into(), tx, end.clone()).is_none());
         (id, rx, end)
     }
 
@@ -210,22 +203,10 @@ mod tests {
         let (id, _rx, _end) = entry(&sessions, droplet);
         assert!(sessions.mark_silent(Duration::from_secs(3)).is_empty());
         tokio::time::advance(Duration::from_secs(4)).await;
-        assert_eq!(
-            sessions.mark_silent(Duration::from_secs(3)),
-            vec![(droplet, id)]
-        );
-        assert!(
-            sessions.mark_silent(Duration::from_secs(3)).is_empty(),
-            "reported once"
-        );
-        assert_eq!(
-            sessions.heartbeat(droplet, id, HostLoad::default()),
-            Beat::Recovered
-        );
-        assert_eq!(
-            sessions.heartbeat(droplet, id, HostLoad::default()),
-            Beat::Recorded
-        );
+        assert_eq!(sessions.mark_silent(Duration::from_secs(3)), vec![(droplet, id)]);
+        assert!(sessions.mark_silent(Duration::from_secs(3)).is_empty(), "reported once");
+        assert_eq!(sessions.heartbeat(droplet, id, HostLoad::default()), Beat::Recovered);
+        assert_eq!(sessions.heartbeat(droplet, id, HostLoad::default()), Beat::Recorded);
     }
 
     #[tokio::test]
@@ -234,21 +215,11 @@ mod tests {
         let droplet = DropletId::new();
         let (id, _rx, _end) = entry(&sessions, droplet);
         for n in 0..5 {
-            sessions.heartbeat(
-                droplet,
-                id,
-                HostLoad {
-                    container_count: n,
-                    ..Default::default()
-                },
-            );
+            sessions.heartbeat(droplet, id, HostLoad { container_count: n, ..Default::default() });
         }
         let pending = sessions.take_pending();
         assert_eq!(pending.len(), 1);
-        assert_eq!(
-            pending[0].load.container_count, 4,
-            "only the latest heartbeat is kept"
-        );
+        assert_eq!(pending[0].load.container_count, 4, "only the latest heartbeat is kept");
         assert!(sessions.take_pending().is_empty());
     }
 
@@ -259,22 +230,14 @@ mod tests {
         let (old, mut old_rx, old_end) = entry(&sessions, droplet);
         let (tx, _rx) = mpsc::channel(4);
         let new = Uuid::new_v4();
-        let displaced = sessions.register(droplet, new, tx, CancellationToken::new());
+        let displaced = sessions.register(droplet, new, "02".into(), tx, CancellationToken::new());
         let displaced = displaced.expect("the old session is displaced");
         assert_eq!(displaced.session_id, old);
         displaced.close(Goodbye::default());
         assert!(old_end.is_cancelled());
-        assert!(matches!(
-            old_rx.try_recv(),
-            Ok(Ok(ControlMessage {
-                kind: Some(control_message::Kind::Goodbye(_))
-            }))
-        ));
+        assert!(matches!(old_rx.try_recv(), Ok(Ok(ControlMessage { kind: Some(control_message::Kind::Goodbye(_)) }))));
         assert!(sessions.remove(droplet, old).is_none());
-        assert_eq!(
-            sessions.heartbeat(droplet, old, HostLoad::default()),
-            Beat::Unknown
-        );
+        assert_eq!(sessions.heartbeat(droplet, old, HostLoad::default()), Beat::Unknown);
         assert_eq!(sessions.len(), 1);
     }
 }

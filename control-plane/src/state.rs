@@ -1,14 +1,26 @@
 //! What every part of a running control plane shares: a cheap-to-clone handle.
 
+use std::{sync::Arc, time::Duration};
+
 use sqlx::PgPool;
 
-use crate::{config::Timing, sessions::Sessions};
+use crate::{config::Timing, pki::Authorities, revocation::Revocations, sessions::Sessions};
 
 #[derive(Clone)]
 pub struct State {
     pub db: PgPool,
     pub sessions: Sessions,
     pub timing: Timing,
-    /// The CAs agents must trust, PEM, for `Welcome`.
-    pub trust_bundle: std::sync::Arc<[String]>,
+    /// The CAs in service: the active one signs droplet certificates.
+    pub authorities: Arc<Authorities>,
+    pub revocations: Revocations,
+    /// How long droplet certificates are valid.
+    pub cert_validity: Duration,
+}
+
+impl State {
+    /// The CAs agents must trust, PEM, for `Welcome` and `Certificate`.
+    pub fn trust_bundle(&self) -> flotilla::proto::TrustBundle {
+        flotilla::proto::TrustBundle { ca_certificates_pem: self.authorities.bundle.clone() }
+    }
 }

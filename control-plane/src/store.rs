@@ -23,10 +23,7 @@ pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result
         .connect(database_url)
         .await
         .context("connecting to PostgreSQL (check --database-url / DATABASE_URL)")?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("applying database migrations")?;
+    MIGRATOR.run(&pool).await.context("applying database migrations")?;
     Ok(pool)
 }
 
@@ -124,6 +121,8 @@ pub enum Claim {
     Held,
     /// The droplet is being deleted: it may not connect again.
     Deleting,
+    /// The session's certificate was revoked.
+    Revoked,
 }
 
 /// Records a new session for a droplet from its `Hello`: the droplet is `online`, with the
@@ -132,6 +131,7 @@ pub async fn claim_droplet(
     db: &PgPool,
     droplet: DropletId,
     session_id: Uuid,
+    serial: &str,
     hello: &Hello,
 ) -> sqlx::Result<Claim> {
     let host = hello.host.clone().unwrap_or_default();
@@ -146,8 +146,10 @@ pub async fn claim_droplet(
             load_average_1m, load_average_5m, load_average_15m,
             memory_used_bytes, disk_used_bytes, disk_free_bytes, container_count,
             session_id, connected_at, last_seen_at, disconnected_at, status_message)
-        VALUES ($1, $2, 'online', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, '')
+        SELECT $1, $2, 'online', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+               $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, ''
+        -- A certificate revoked since its handshake must not bring its droplet back.
+        WHERE NOT EXISTS (SELECT 1 FROM certificates WHERE serial = $22 AND revoked_at IS NOT NULL)
         ON CONFLICT (id) DO UPDATE SET
             status = CASE WHEN d.status = 'deleting' THEN d.status ELSE 'online' END,
             agent_version = EXCLUDED.agent_version,
@@ -198,20 +200,18 @@ pub async fn claim_droplet(
     .bind(clamp_i64(load.disk_free_bytes))
     .bind(clamp_i32(load.container_count))
     .bind(session_id)
+    .bind(serial)
     .fetch_optional(db)
     .await?;
     Ok(match row {
+        None => Claim::Revoked,
         Some((status,)) if status == "deleting" => Claim::Deleting,
-        _ => Claim::Held,
+        Some(_) => Claim::Held,
     })
 }
 
 /// The session closed: start the reconnect grace. A no-op if another session took over.
-pub async fn release_droplet(
-    db: &PgPool,
-    droplet: DropletId,
-    session_id: Uuid,
-) -> sqlx::Result<()> {
+pub async fn release_droplet(db: &PgPool, droplet: DropletId, session_id: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE droplets SET session_id = NULL, disconnected_at = now(), updated_at = now()
          WHERE id = $1 AND session_id = $2",
@@ -252,22 +252,10 @@ pub async fn flush_heartbeats(db: &PgPool, batch: &[SeenLoad]) -> sqlx::Result<u
     let l1: Vec<f64> = batch.iter().map(|s| s.load.load_average_1m).collect();
     let l5: Vec<f64> = batch.iter().map(|s| s.load.load_average_5m).collect();
     let l15: Vec<f64> = batch.iter().map(|s| s.load.load_average_15m).collect();
-    let mem: Vec<i64> = batch
-        .iter()
-        .map(|s| clamp_i64(s.load.memory_used_bytes))
-        .collect();
-    let used: Vec<i64> = batch
-        .iter()
-        .map(|s| clamp_i64(s.load.disk_used_bytes))
-        .collect();
-    let free: Vec<i64> = batch
-        .iter()
-        .map(|s| clamp_i64(s.load.disk_free_bytes))
-        .collect();
-    let containers: Vec<i32> = batch
-        .iter()
-        .map(|s| clamp_i32(s.load.container_count))
-        .collect();
+    let mem: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.memory_used_bytes)).collect();
+    let used: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.disk_used_bytes)).collect();
+    let free: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.disk_free_bytes)).collect();
+    let containers: Vec<i32> = batch.iter().map(|s| clamp_i32(s.load.container_count)).collect();
     let done = sqlx::query(
         r#"
         UPDATE droplets AS d SET
@@ -325,10 +313,7 @@ pub async fn release_stale_sessions(db: &PgPool) -> sqlx::Result<u64> {
 }
 
 pub async fn get_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DropletRow>> {
-    sqlx::query_as("SELECT * FROM droplets WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as("SELECT * FROM droplets WHERE id = $1").bind(id).fetch_optional(db).await
 }
 
 /// Droplets in id order, after `after`, at most `limit`.
@@ -349,4 +334,268 @@ pub async fn list_droplets(
     .bind(limit)
     .fetch_all(db)
     .await
+}
+
+// ---------------------------------------------------------------------------
+// Certificate authorities
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuthorityRow {
+    pub id: Uuid,
+    pub cert_pem: String,
+    pub sha256: String,
+    pub key_ciphertext: Vec<u8>,
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Every CA not retired, oldest first.
+pub async fn authorities_in_service(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<AuthorityRow>> {
+    sqlx::query_as(
+        "SELECT id, cert_pem, sha256, key_ciphertext, state, created_at FROM certificate_authorities
+         WHERE state <> 'retired' ORDER BY created_at, id",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn insert_authority(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    cert_pem: &str,
+    sha256: &str,
+    key_ciphertext: &[u8],
+    state: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO certificate_authorities (id, cert_pem, sha256, key_ciphertext, state)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(cert_pem)
+    .bind(sha256)
+    .bind(key_ciphertext)
+    .bind(state)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_authority_state(conn: &mut sqlx::PgConnection, from: &str, to: &str) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE certificate_authorities SET state = $2,
+             retired_at = CASE WHEN $2 = 'retired' THEN now() ELSE retired_at END
+         WHERE state = $1",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment tokens
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenRow {
+    pub id: Uuid,
+    pub account: String,
+    pub droplet_id: Uuid,
+    pub name: String,
+    pub secret_hash: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Why a token could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenCreateError {
+    #[error("droplet {0} belongs to another account")]
+    OtherAccount(Uuid),
+    #[error("account {0:?} does not exist")]
+    NoAccount(String),
+    #[error("droplet {0} is being deleted")]
+    Deleting(Uuid),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Stores a token for `droplet`, creating the droplet (`pending`) if it is new.
+pub async fn create_token(
+    db: &PgPool,
+    id: Uuid,
+    account: &str,
+    droplet: Uuid,
+    name: &str,
+    secret_hash: &[u8],
+    expires_at: DateTime<Utc>,
+) -> Result<TokenRow, TokenCreateError> {
+    let mut tx = db.begin().await?;
+    let exists: Option<bool> =
+        sqlx::query_scalar("SELECT true FROM accounts WHERE name = $1").bind(account).fetch_optional(&mut *tx).await?;
+    if exists.is_none() {
+        return Err(TokenCreateError::NoAccount(account.to_owned()));
+    }
+    sqlx::query("INSERT INTO droplets (id, account, status) VALUES ($1, $2, 'pending') ON CONFLICT (id) DO NOTHING")
+        .bind(droplet)
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    let (owner, status): (String, String) =
+        sqlx::query_as("SELECT account, status FROM droplets WHERE id = $1 FOR UPDATE")
+            .bind(droplet)
+            .fetch_one(&mut *tx)
+            .await?;
+    if owner != account {
+        return Err(TokenCreateError::OtherAccount(droplet));
+    }
+    if status == "deleting" {
+        return Err(TokenCreateError::Deleting(droplet));
+    }
+    let row = sqlx::query_as(
+        "INSERT INTO enrollment_tokens (id, account, droplet_id, name, secret_hash, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+    )
+    .bind(id)
+    .bind(account)
+    .bind(droplet)
+    .bind(name)
+    .bind(secret_hash)
+    .bind(expires_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+pub async fn list_tokens(db: &PgPool, account: Option<&str>) -> sqlx::Result<Vec<TokenRow>> {
+    sqlx::query_as(
+        "SELECT * FROM enrollment_tokens WHERE ($1::text IS NULL OR account = $1) ORDER BY created_at DESC, id",
+    )
+    .bind(account)
+    .fetch_all(db)
+    .await
+}
+
+/// Revokes a token that has not been used. Returns whether one was revoked.
+pub async fn revoke_token(db: &PgPool, id: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE enrollment_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL AND used_at IS NULL",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Locks a token for the rest of `tx`: concurrent enrollments with it wait here.
+pub async fn lock_token(tx: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<TokenRow>> {
+    sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(tx).await
+}
+
+pub async fn mark_token_used(tx: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("UPDATE enrollment_tokens SET used_at = now() WHERE id = $1").bind(id).execute(tx).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Certificates and revocation
+// ---------------------------------------------------------------------------
+
+/// The channel that carries `<serial>:<droplet>` of each revoked certificate.
+pub const REVOCATIONS_CHANNEL: &str = "flotilla_revocations";
+
+#[allow(clippy::too_many_arguments)]
+pub async fn record_certificate(
+    conn: &mut sqlx::PgConnection,
+    serial: &str,
+    droplet: Uuid,
+    ca_id: Uuid,
+    not_before: DateTime<Utc>,
+    not_after: DateTime<Utc>,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO certificates (serial, droplet_id, ca_id, not_before, not_after, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(serial)
+    .bind(droplet)
+    .bind(ca_id)
+    .bind(not_before)
+    .bind(not_after)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What to revoke.
+#[derive(Debug, Clone)]
+pub enum Revoke {
+    Serial(String),
+    Droplet(Uuid),
+}
+
+/// Revokes certificates and tells every control plane (NOTIFY, ids only), in one
+/// transaction. Returns `(serial, droplet)` of each certificate revoked now.
+pub async fn revoke_certificates(conn: &mut sqlx::PgConnection, what: &Revoke) -> sqlx::Result<Vec<(String, Uuid)>> {
+    let (serial, droplet) = match what {
+        Revoke::Serial(serial) => (Some(serial.as_str()), None),
+        Revoke::Droplet(droplet) => (None, Some(*droplet)),
+    };
+    let revoked: Vec<(String, Uuid)> = sqlx::query_as(
+        "UPDATE certificates SET revoked_at = now()
+         WHERE revoked_at IS NULL AND (serial = $1 OR droplet_id = $2)
+         RETURNING serial, droplet_id",
+    )
+    .bind(serial)
+    .bind(droplet)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (serial, droplet) in &revoked {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(REVOCATIONS_CHANNEL)
+            .bind(format!("{serial}:{droplet}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(revoked)
+}
+
+/// Serials of revoked certificates that have not expired (expired ones fail the chain
+/// check anyway).
+pub async fn revoked_serials(db: &PgPool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND not_after > now() - interval '1 hour'",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes a droplet: revokes its certificates (closing its session everywhere), then
+/// removes it with its tokens. Returns the revoked serials, or `None` if there was no such
+/// droplet.
+pub async fn delete_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Vec<String>>> {
+    let mut tx = db.begin().await?;
+    let found: Option<Uuid> = sqlx::query_scalar("SELECT id FROM droplets WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if found.is_none() {
+        return Ok(None);
+    }
+    let revoked = revoke_certificates(&mut tx, &Revoke::Droplet(id)).await?;
+    sqlx::query("DELETE FROM droplets WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Some(revoked.into_iter().map(|(serial, _)| serial).collect()))
+}
+
+pub async fn get_token(db: &PgPool, id: Uuid) -> sqlx::Result<Option<TokenRow>> {
+    sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = $1").bind(id).fetch_optional(db).await
 }

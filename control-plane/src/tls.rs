@@ -32,7 +32,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use crate::pki::{Ca, Issued};
+use crate::{
+    pki::{Authorities, Ca, Issued},
+    revocation::{RevocationAwareVerifier, Revocations},
+};
 
 /// A handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +44,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct AgentPeer {
     pub droplet_id: DropletId,
+    /// The serial of the client certificate, lowercase hex.
+    pub serial: String,
     pub remote_addr: SocketAddr,
 }
 
@@ -59,21 +64,13 @@ impl Connected for AgentConn {
 }
 
 impl AsyncRead for AgentConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AgentConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -103,20 +100,38 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The agent port's TLS configuration: our server certificate, and client certificates
-/// required to chain to `ca`.
-pub fn agent_server_config(ca: &Ca, server: &Issued) -> anyhow::Result<Arc<ServerConfig>> {
+/// required to chain to a CA in service and not to be revoked.
+pub fn agent_server_config(
+    authorities: &Authorities,
+    server: &Issued,
+    revocations: Revocations,
+) -> anyhow::Result<Arc<ServerConfig>> {
     let mut roots = RootCertStore::empty();
-    roots
-        .add(ca.cert_der().clone())
-        .context("adding the CA to the trust store")?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    for ca in &authorities.trusted {
+        roots.add(ca.clone()).context("adding a CA to the trust store")?;
+    }
+    let chain_check = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .context("building the client certificate verifier")?;
+    let verifier = Arc::new(RevocationAwareVerifier { inner: chain_check, revocations });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(server_chain(server, ca)?, server_key(server)?)
+        .with_single_cert(server_chain(server, &authorities.active)?, server_key(server)?)
+        .context("loading the server certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The enrollment port's TLS configuration: server-authenticated only. A droplet checks
+/// our chain against the CA pin in its token.
+pub fn enroll_server_config(authorities: &Authorities, server: &Issued) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(server_chain(server, &authorities.active)?, server_key(server)?)
         .context("loading the server certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
@@ -136,13 +151,39 @@ fn server_key(server: &Issued) -> anyhow::Result<PrivateKeyDer<'static>> {
         .context("no private key in the server key PEM")
 }
 
-/// Accepts agent connections until `stop` is cancelled, completing each TLS handshake on
-/// its own task. Connections whose certificate names no droplet are closed here.
+/// Accepts agent connections until `stop` is cancelled. Connections whose certificate
+/// names no droplet are closed here.
 pub fn accept_agents(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     stop: CancellationToken,
 ) -> ReceiverStream<Result<AgentConn, io::Error>> {
+    accept(listener, config, stop, "agent", |io, remote_addr| {
+        let leaf = io.get_ref().1.peer_certificates().and_then(|certs| certs.first()).ok_or("no client certificate")?;
+        let droplet_id = droplet_from_certificate(leaf.as_ref()).map_err(|e| e.to_string())?;
+        let serial = crate::pki::serial_of(leaf.as_ref()).ok_or("unreadable certificate serial")?;
+        Ok(AgentConn { io, peer: AgentPeer { droplet_id, serial, remote_addr } })
+    })
+}
+
+/// Accepts TLS connections (server-authenticated only) until `stop` is cancelled.
+pub fn accept_tls(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    accept(listener, config, stop, "enrollment", |io, _| Ok(io))
+}
+
+/// The accept loop: each TLS handshake completes on its own task, then `finish` decides
+/// whether the connection is served.
+fn accept<T: Send + 'static>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+    port: &'static str,
+    finish: fn(TlsStream<TcpStream>, SocketAddr) -> Result<T, String>,
+) -> ReceiverStream<Result<T, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -153,7 +194,7 @@ pub fn accept_agents(
                     Ok(pair) => pair,
                     Err(error) => {
                         // Out of file descriptors and the like: wait, don't spin.
-                        tracing::warn!(%error, "accepting an agent connection failed");
+                        tracing::warn!(%error, port, "accepting a connection failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -163,42 +204,21 @@ pub fn accept_agents(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match handshake(&acceptor, tcp, remote_addr).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let outcome = match handshake {
+                    Err(_) => Err("TLS handshake timed out".to_owned()),
+                    Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+                    Ok(Ok(io)) => finish(io, remote_addr),
+                };
+                match outcome {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Err(reason) => {
-                        tracing::info!(%remote_addr, %reason, "refused an agent connection");
-                    }
+                    Err(reason) => tracing::info!(%remote_addr, %reason, port, "refused a connection"),
                 }
             });
         }
-        tracing::debug!("stopped accepting agent connections");
+        tracing::debug!(port, "stopped accepting connections");
     });
     ReceiverStream::new(rx)
-}
-
-async fn handshake(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-    remote_addr: SocketAddr,
-) -> Result<AgentConn, String> {
-    let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let leaf = io
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .ok_or("no client certificate")?;
-    let droplet_id = droplet_from_certificate(leaf.as_ref()).map_err(|e| e.to_string())?;
-    Ok(AgentConn {
-        io,
-        peer: AgentPeer {
-            droplet_id,
-            remote_addr,
-        },
-    })
 }

@@ -2,18 +2,24 @@
 //! port 0, real agents, and real gRPC clients over real TLS.
 #![allow(dead_code)]
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, ControlMessage, Droplet, DropletStatus, GetDropletRequest, Hello, HostFacts,
-        agent_gateway_client::AgentGatewayClient, agent_message, fleet_client::FleetClient,
+        AgentMessage, ControlMessage, CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, Droplet,
+        DropletStatus, GetDropletRequest, Hello, HostFacts, agent_gateway_client::AgentGatewayClient, agent_message,
+        fleet_client::FleetClient,
     },
 };
-use flotilla_agent::{AgentConfig, Credentials};
-use flotilla_control_plane::{Listeners, ServeConfig, config::Timing, pki::Ca};
+use flotilla_agent::{AgentConfig, Credentials, Enrollment, IdentitySource, enroll::Trust, identity::Store};
+use flotilla_control_plane::{
+    Listeners, ServeConfig,
+    config::Timing,
+    crypto::MasterKey,
+    pki::{Authorities, Ca},
+};
 use sqlx::{
     ConnectOptions as _, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -39,13 +45,8 @@ impl TestDb {
         })?;
         let admin = PgConnectOptions::from_str(&url).context("parsing DATABASE_URL")?;
         let name = format!("flotilla_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = admin
-            .connect()
-            .await
-            .context("connecting to DATABASE_URL")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await?;
+        let mut conn = admin.connect().await.context("connecting to DATABASE_URL")?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .connect_with(admin.database(&name))
@@ -59,10 +60,9 @@ impl TestDb {
     /// they touched, as PostgreSQL's `pg_stat_statements` counts them. Its counters are
     /// updated as each statement ends, unlike `pg_stat_database`'s, which lag by seconds.
     pub async fn writes(&self) -> anyhow::Result<(i64, i64)> {
-        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .execute(&self.pool)
-            .await
-            .context("pg_stat_statements: start PostgreSQL with shared_preload_libraries=pg_stat_statements (scripts/test.sh does)")?;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&self.pool).await.context(
+            "pg_stat_statements: start PostgreSQL with shared_preload_libraries=pg_stat_statements (scripts/test.sh does)",
+        )?;
         let (calls, rows): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT sum(calls)::int8, sum(rows)::int8 FROM pg_stat_statements s
              JOIN pg_database d ON d.oid = s.dbid
@@ -75,9 +75,7 @@ impl TestDb {
     }
 
     pub async fn droplet_count(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM droplets")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT count(*) FROM droplets").fetch_one(&self.pool).await?)
     }
 }
 
@@ -94,128 +92,188 @@ pub fn fast_timing() -> Timing {
     }
 }
 
-/// A control plane serving in this process.
-pub struct TestControlPlane {
-    pub agent_addr: SocketAddr,
-    pub api_addr: SocketAddr,
-    pub data_dir: PathBuf,
-    pub timing: Timing,
-    pool: PgPool,
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
 pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("creating a temporary directory");
     dir
 }
 
+/// A control plane serving in this process.
+pub struct TestControlPlane {
+    pub agent_addr: SocketAddr,
+    pub enroll_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub timing: Timing,
+    pub master_key: Arc<MasterKey>,
+    pub cert_validity: Duration,
+    pool: PgPool,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A stopped control plane, ready to start again on the same ports with the same keys.
+pub struct Stopped {
+    pool: PgPool,
+    data_dir: PathBuf,
+    timing: Timing,
+    master_key: Arc<MasterKey>,
+    cert_validity: Duration,
+    addrs: [SocketAddr; 3],
+}
+
+impl Stopped {
+    pub async fn start_again(self) -> anyhow::Result<TestControlPlane> {
+        let [agent, enroll, api] = self.addrs;
+        let listeners = Listeners {
+            agent: TcpListener::bind(agent).await?,
+            enroll: TcpListener::bind(enroll).await?,
+            api: TcpListener::bind(api).await?,
+        };
+        TestControlPlane::start_on(
+            &self.pool,
+            self.timing,
+            self.data_dir,
+            self.master_key,
+            self.cert_validity,
+            listeners,
+        )
+        .await
+    }
+}
+
+pub fn new_master_key() -> Arc<MasterKey> {
+    Arc::new(MasterKey::from_bytes(&rand::random::<[u8; 32]>()).expect("32 bytes make a key"))
+}
+
 impl TestControlPlane {
     pub async fn start(pool: &PgPool, timing: Timing) -> anyhow::Result<Self> {
-        let agent = TcpListener::bind("127.0.0.1:0").await?;
-        let api = TcpListener::bind("127.0.0.1:0").await?;
-        Self::start_on(pool, timing, temp_dir("flotilla-cp"), agent, api).await
+        Self::start_with(pool, timing, new_master_key(), Duration::from_secs(3600)).await
+    }
+
+    /// A control plane with a given master key (the same key: another process of the same
+    /// fleet) and droplet certificate lifetime.
+    pub async fn start_with(
+        pool: &PgPool,
+        timing: Timing,
+        master_key: Arc<MasterKey>,
+        cert_validity: Duration,
+    ) -> anyhow::Result<Self> {
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let listeners = Listeners { agent: bind().await?, enroll: bind().await?, api: bind().await? };
+        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, listeners).await
     }
 
     async fn start_on(
         pool: &PgPool,
         timing: Timing,
         data_dir: PathBuf,
-        agent: TcpListener,
-        api: TcpListener,
+        master_key: Arc<MasterKey>,
+        cert_validity: Duration,
+        listeners: Listeners,
     ) -> anyhow::Result<Self> {
-        let agent_addr = agent.local_addr()?;
-        let api_addr = api.local_addr()?;
+        let agent_addr = listeners.agent.local_addr()?;
+        let enroll_addr = listeners.enroll.local_addr()?;
+        let api_addr = listeners.api.local_addr()?;
         let stop = CancellationToken::new();
         let config = ServeConfig {
             data_dir: data_dir.clone(),
             public_names: vec![],
             timing,
+            master_key: master_key.clone(),
+            cert_validity,
         };
         let task = tokio::spawn(flotilla_control_plane::serve(
             pool.clone(),
             config,
-            Listeners { agent, api },
+            listeners,
             stop.clone().cancelled_owned(),
         ));
         let cp = Self {
             agent_addr,
+            enroll_addr,
             api_addr,
             data_dir,
             timing,
+            master_key,
+            cert_validity,
             pool: pool.clone(),
             stop,
             task,
         };
-        // Serving once the CA exists and the API answers.
-        wait_for(
-            "the control plane to serve",
-            Duration::from_secs(20),
-            || async { Ok(cp.data_dir.join("server.crt").exists() && cp.fleet().await.is_ok()) },
-        )
+        // Serving once the server certificate exists and the API answers.
+        wait_for("the control plane to serve", Duration::from_secs(20), || async {
+            Ok(cp.data_dir.join("server.crt").exists() && cp.fleet().await.is_ok())
+        })
         .await?;
         Ok(cp)
     }
 
     /// Graceful shutdown, as on SIGTERM.
-    pub async fn stop(self) -> anyhow::Result<(PgPool, PathBuf, SocketAddr, SocketAddr, Timing)> {
+    pub async fn stop(self) -> anyhow::Result<Stopped> {
         self.stop.cancel();
         self.task.await.context("control plane task")??;
-        Ok((
-            self.pool,
-            self.data_dir,
-            self.agent_addr,
-            self.api_addr,
-            self.timing,
-        ))
+        Ok(Stopped {
+            pool: self.pool,
+            data_dir: self.data_dir,
+            timing: self.timing,
+            master_key: self.master_key,
+            cert_validity: self.cert_validity,
+            addrs: [self.agent_addr, self.enroll_addr, self.api_addr],
+        })
     }
 
     /// Stops and starts again on the same ports with the same CA.
     pub async fn restart(self) -> anyhow::Result<Self> {
-        let (pool, data_dir, agent_addr, api_addr, timing) = self.stop().await?;
-        let agent = TcpListener::bind(agent_addr).await?;
-        let api = TcpListener::bind(api_addr).await?;
-        Self::start_on(&pool, timing, data_dir, agent, api).await
+        self.stop().await?.start_again().await
     }
 
-    pub fn ca(&self) -> anyhow::Result<Ca> {
-        Ca::load(&self.data_dir)
+    /// The fleet's CAs, as this control plane reads them.
+    pub async fn authorities(&self) -> anyhow::Result<Authorities> {
+        Ok(Authorities::load_or_create(&self.pool, &self.master_key).await?.0)
     }
 
-    /// Fresh credentials for one droplet, valid for an hour.
-    pub fn credentials(&self, droplet: DropletId) -> anyhow::Result<Credentials> {
-        let ca = self.ca()?;
+    pub async fn ca(&self) -> anyhow::Result<Ca> {
+        Ok(self.authorities().await?.active)
+    }
+
+    /// Fresh credentials for one droplet, valid for an hour, recorded as the operator tool
+    /// `ca issue-agent` records them.
+    pub async fn credentials(&self, droplet: DropletId) -> anyhow::Result<Credentials> {
+        let authorities = self.authorities().await?;
+        let ca = &authorities.active;
         let now = time::OffsetDateTime::now_utc();
-        let issued = ca.issue_agent(
-            droplet,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )?;
-        Ok(Credentials {
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
-            ca_pem: ca.cert_pem().to_owned(),
-        })
+        let issued = ca.issue_agent(droplet, now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
+        let mut conn = self.pool.acquire().await?;
+        flotilla_control_plane::enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
+        Ok(Credentials { cert_pem: issued.cert_pem, key_pem: issued.key_pem, ca_pem: authorities.bundle.concat() })
     }
 
     pub fn agent_url(&self) -> String {
         format!("https://localhost:{}", self.agent_addr.port())
     }
 
+    pub fn enroll_url(&self) -> String {
+        format!("https://localhost:{}", self.enroll_addr.port())
+    }
+
     pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.api_addr))?
-            .connect()
-            .await?;
+        let channel = Endpoint::from_shared(format!("http://{}", self.api_addr))?.connect().await?;
         Ok(FleetClient::new(channel))
+    }
+
+    /// A token through the API.
+    pub async fn token(&self, droplet: Option<DropletId>) -> anyhow::Result<CreateEnrollmentTokenResponse> {
+        let request = CreateEnrollmentTokenRequest {
+            droplet_id: droplet.map(|d| d.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        Ok(self.fleet().await?.create_enrollment_token(request).await?.into_inner())
     }
 
     pub async fn droplet(&self, id: DropletId) -> anyhow::Result<Droplet> {
         let mut fleet = self.fleet().await?;
-        Ok(fleet
-            .get_droplet(GetDropletRequest { id: id.to_string() })
-            .await?
-            .into_inner())
+        Ok(fleet.get_droplet(GetDropletRequest { id: id.to_string() }).await?.into_inner())
     }
 
     /// Waits until the droplet has `status` through the API.
@@ -225,31 +283,41 @@ impl TestControlPlane {
         status: DropletStatus,
         within: Duration,
     ) -> anyhow::Result<Droplet> {
-        wait_for(
-            &format!("droplet {id} to be {status:?}"),
-            within,
-            || async {
-                Ok(self
-                    .droplet(id)
-                    .await
-                    .map(|d| d.status() == status)
-                    .unwrap_or(false))
-            },
-        )
+        wait_for(&format!("droplet {id} to be {status:?}"), within, || async {
+            Ok(self.droplet(id).await.map(|d| d.status() == status).unwrap_or(false))
+        })
         .await?;
         self.droplet(id).await
     }
 
-    /// An in-process agent for `droplet`, using this machine's Docker engine.
-    pub fn agent(&self, droplet: DropletId) -> anyhow::Result<TestAgent> {
-        self.agent_with(droplet, "/var/run/docker.sock")
+    /// An in-process agent for `droplet` with operator-issued credentials, using this
+    /// machine's Docker engine.
+    pub async fn agent(&self, droplet: DropletId) -> anyhow::Result<TestAgent> {
+        self.agent_with(droplet, "/var/run/docker.sock").await
     }
 
-    pub fn agent_with(&self, droplet: DropletId, docker_socket: &str) -> anyhow::Result<TestAgent> {
+    pub async fn agent_with(&self, droplet: DropletId, docker_socket: &str) -> anyhow::Result<TestAgent> {
+        let credentials = self.credentials(droplet).await?;
+        Ok(self.spawn_agent(IdentitySource::Fixed(credentials), docker_socket))
+    }
+
+    /// An in-process agent keeping its credentials in `state_dir`, enrolling with `token`
+    /// when it has none.
+    pub fn enrolling_agent(&self, state_dir: &std::path::Path, token: Option<&str>) -> TestAgent {
+        let enrollment = token.map(|token| Enrollment {
+            token: token.to_owned(),
+            url: self.enroll_url(),
+            trust: Trust::Pin(flotilla_agent::enroll::pin_from_token(token).unwrap_or_default()),
+        });
+        let identity = IdentitySource::StateDir { store: Store::new(state_dir), enrollment };
+        self.spawn_agent(identity, "/var/run/docker.sock")
+    }
+
+    fn spawn_agent(&self, identity: IdentitySource, docker_socket: &str) -> TestAgent {
         let config = AgentConfig {
             control_plane: self.agent_url(),
             server_name: None,
-            credentials: self.credentials(droplet)?,
+            identity,
             docker_socket: docker_socket.into(),
             disk_path: "/".into(),
             initial_backoff: Duration::from_millis(100),
@@ -257,38 +325,24 @@ impl TestControlPlane {
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(flotilla_agent::run(config, stop.clone()));
-        Ok(TestAgent {
-            droplet,
-            stop,
-            task,
-        })
+        TestAgent { stop, task }
     }
 
     /// A bare protocol client with valid credentials: it speaks only when told to.
-    pub async fn raw_session(
-        &self,
-        droplet: DropletId,
-        hello: Hello,
-    ) -> anyhow::Result<RawSession> {
-        let creds = self.credentials(droplet)?;
+    pub async fn raw_session(&self, droplet: DropletId, hello: Hello) -> anyhow::Result<RawSession> {
+        let creds = self.credentials(droplet).await?;
+        self.raw_session_with(&creds, hello).await
+    }
+
+    pub async fn raw_session_with(&self, creds: &Credentials, hello: Hello) -> anyhow::Result<RawSession> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&creds.ca_pem))
             .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
             .domain_name("localhost");
-        let channel = Endpoint::from_shared(self.agent_url())?
-            .tls_config(tls)?
-            .connect()
-            .await?;
+        let channel = Endpoint::from_shared(self.agent_url())?.tls_config(tls)?.connect().await?;
         let (tx, rx) = mpsc::channel(16);
-        tx.send(AgentMessage {
-            seq: 1,
-            kind: Some(agent_message::Kind::Hello(hello)),
-        })
-        .await?;
-        let inbound = AgentGatewayClient::new(channel)
-            .connect(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        tx.send(AgentMessage { seq: 1, kind: Some(agent_message::Kind::Hello(hello)) }).await?;
+        let inbound = AgentGatewayClient::new(channel).connect(ReceiverStream::new(rx)).await?.into_inner();
         Ok(RawSession { tx, inbound })
     }
 }
@@ -312,17 +366,12 @@ pub fn hello() -> Hello {
     Hello {
         protocol: Some(flotilla::protocol::CURRENT),
         agent_version: "test".into(),
-        host: Some(HostFacts {
-            hostname: "raw-client".into(),
-            cpu_count: 1,
-            ..Default::default()
-        }),
+        host: Some(HostFacts { hostname: "raw-client".into(), cpu_count: 1, ..Default::default() }),
         ..Default::default()
     }
 }
 
 pub struct TestAgent {
-    pub droplet: DropletId,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -331,6 +380,11 @@ impl TestAgent {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.task.await.context("agent task")?
+    }
+
+    /// How the agent ended by itself (an error it could not get past).
+    pub async fn ended(self, within: Duration) -> anyhow::Result<anyhow::Result<()>> {
+        tokio::time::timeout(within, self.task).await.context("the agent is still running")?.context("agent task")
     }
 }
 
