@@ -406,3 +406,34 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A plain `AgentGateway` client for the enrollment port: it trusts the fleet CA and
+/// presents no certificate.
+pub async fn enroll_client(cp: &TestControlPlane) -> anyhow::Result<AgentGatewayClient<Channel>> {
+    let bundle = cp.authorities().await?.bundle.concat();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle)).domain_name("localhost");
+    let channel = Endpoint::from_shared(cp.enroll_url())?.tls_config(tls)?.connect().await?;
+    Ok(AgentGatewayClient::new(channel))
+}
+
+/// A CSR for a fresh key, as an agent makes it.
+pub fn csr() -> anyhow::Result<String> {
+    Ok(flotilla_agent::enroll::key_and_csr()?.1)
+}
+
+/// The droplet named by the first certificate of a PEM chain.
+pub fn droplet_of(pem: &str) -> anyhow::Result<DropletId> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes()).next().context("no certificate")??;
+    Ok(flotilla::identity::droplet_from_certificate(&der)?)
+}
+
+impl TestDb {
+    /// (certificates issued, tokens used) — what an enrollment changes.
+    pub async fn enrollment_state(&self) -> anyhow::Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM certificates), (SELECT count(*) FROM enrollment_tokens WHERE used_at IS NOT NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
