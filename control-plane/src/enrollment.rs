@@ -172,7 +172,7 @@ pub async fn enroll(
 /// Signs a CSR for `droplet`, backdated a little for clock skew.
 pub fn sign_for(ca: &Ca, csr_pem: &str, droplet: DropletId, validity: Duration) -> Result<Issued, CsrError> {
     let now = OffsetDateTime::now_utc();
-    ca.sign_csr(csr_pem, droplet, now - crate::pki::BACKDATE, now + validity)
+    ca.sign_csr(csr_pem, droplet, now - crate::pki::backdate_for(validity), now + validity)
 }
 
 pub async fn record(

@@ -119,7 +119,7 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             let (authorities, _) = Authorities::load_or_create(&db, &key).await?;
             let ca = &authorities.active;
             let now = OffsetDateTime::now_utc();
-            let issued = ca.issue_agent(droplet, now - pki::BACKDATE, now + valid_for)?;
+            let issued = ca.issue_agent(droplet, now - pki::backdate_for(valid_for), now + valid_for)?;
             let mut conn = db.acquire().await?;
             enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
             pki::write_pair(&out, "agent", &issued)?;

@@ -33,6 +33,14 @@ const CA_LOCK: i64 = 0x666c_6f74_696c_6c61; // "flotilla"
 /// still accepts them.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
+/// How far to backdate a certificate valid for `validity`: `BACKDATE`, but at most a
+/// quarter of the validity, so that renewing at 50-80% of notBefore..notAfter still
+/// means 50-80% of the time the certificate is actually in use, even for the
+/// seconds-long certificates of tests.
+pub fn backdate_for(validity: Duration) -> Duration {
+    BACKDATE.min(validity / 4)
+}
+
 /// A certificate the CA issued, with the private key it was made for.
 #[derive(Debug)]
 pub struct Issued {
