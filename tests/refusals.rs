@@ -4,7 +4,7 @@
 
 mod helpers;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use flotilla::{
     DropletId,
@@ -12,61 +12,17 @@ use flotilla::{
 };
 use flotilla_control_plane::pki::Ca;
 use helpers::{TestControlPlane, TestDb, fast_timing, hello};
-use rustls::{
-    AlertDescription, ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
-};
+use rustls::AlertDescription;
 use time::OffsetDateTime;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
-use tokio_rustls::TlsConnector;
 
-fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<_, _>>().expect("PEM certificates")
-}
-
-fn key(pem: &str) -> PrivateKeyDer<'static> {
-    rustls_pemfile::private_key(&mut pem.as_bytes()).expect("PEM key").expect("a key")
-}
-
-/// Dials the agent port with `client` (a certificate and key, or none) trusting the real
+/// Dials the agent port with `client` (a certificate and key, or none), trusting the real
 /// CA, and returns how the server ended the connection.
 async fn handshake(
     cp: &TestControlPlane,
     client: Option<(String, String)>,
 ) -> anyhow::Result<Result<(), rustls::Error>> {
     let ca = cp.ca().await?;
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert_der().clone())?;
-    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let mut config = match client {
-        Some((cert, key_pem)) => builder.with_client_auth_cert(certs(&cert), key(&key_pem))?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(cp.agent_addr).await?;
-    let connector = TlsConnector::from(Arc::new(config));
-    let server_name = ServerName::try_from("localhost")?;
-    let outcome = async {
-        // In TLS 1.3 the client finishes first; the server's verdict arrives on the next read.
-        let mut tls = connector.connect(server_name, tcp).await?;
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
-        let mut buf = [0u8; 64];
-        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;
-        Ok::<_, std::io::Error>(())
-    }
-    .await;
-    Ok(match outcome {
-        Ok(()) => Ok(()),
-        Err(error) => match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-            Some(tls_error) => Err(tls_error.clone()),
-            None => Err(rustls::Error::General(error.to_string())),
-        },
-    })
+    helpers::tls_verdict(cp, ca.cert_pem(), client.as_ref().map(|(c, k)| (c.as_str(), k.as_str()))).await
 }
 
 async fn assert_no_rows(db: &TestDb) -> anyhow::Result<()> {

@@ -3,48 +3,21 @@
 
 mod helpers;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use flotilla::{
     DropletId,
     proto::{DeleteDropletRequest, control_message, goodbye::Reason},
 };
 use helpers::{RawSession, TestControlPlane, TestDb, fast_timing, hello, new_master_key};
-use rustls::{AlertDescription, ClientConfig, RootCertStore, pki_types::ServerName};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_rustls::TlsConnector;
+use rustls::AlertDescription;
 use tonic::Code;
 
-/// The TLS verdict on a handshake with `creds` against `cp`'s agent port.
 async fn handshake(
     cp: &TestControlPlane,
     creds: &flotilla_agent::Credentials,
 ) -> anyhow::Result<Result<(), rustls::Error>> {
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut creds.ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let chain = rustls_pemfile::certs(&mut creds.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut creds.key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("no key"))?;
-    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(cp.agent_addr).await?;
-    let name = ServerName::try_from("localhost")?;
-    let outcome = async {
-        let mut tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
-        let mut buf = [0u8; 64];
-        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;
-        Ok::<_, std::io::Error>(())
-    }
-    .await;
-    Ok(outcome.map_err(|e| match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-        Some(tls) => tls.clone(),
-        None => rustls::Error::General(e.to_string()),
-    }))
+    helpers::tls_verdict(cp, &creds.ca_pem, Some((&creds.cert_pem, &creds.key_pem))).await
 }
 
 async fn expect_revoked_goodbye(session: &mut RawSession) -> anyhow::Result<()> {

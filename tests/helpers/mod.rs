@@ -437,3 +437,45 @@ impl TestDb {
         .await?)
     }
 }
+
+/// Dials `cp`'s agent port with raw rustls, trusting `ca_pem` and presenting `client` (a
+/// PEM certificate and key, or nothing), and returns the server's verdict: `Ok` if it
+/// answered HTTP/2, else the TLS error it sent. In TLS 1.3 the client finishes its side
+/// first, so the verdict arrives on the first read.
+pub async fn tls_verdict(
+    cp: &TestControlPlane,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> anyhow::Result<Result<(), rustls::Error>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => {
+            let chain = rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut key.as_bytes())?.context("no private key")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(cp.agent_addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let outcome = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;
+        Ok::<_, std::io::Error>(())
+    }
+    .await;
+    Ok(outcome.map_err(|e| match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(tls) => tls.clone(),
+        None => rustls::Error::General(e.to_string()),
+    }))
+}
