@@ -6,6 +6,7 @@
 
 pub mod identity;
 pub mod protocol;
+pub mod spec;
 pub mod telemetry;
 
 /// Code generated from `proto/flotilla/v1` by `build.rs`.
