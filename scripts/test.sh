@@ -25,4 +25,7 @@ if [ -z "${DATABASE_URL:-}" ]; then
   start_postgres "$PG_TMP"
 fi
 
+# The images the Docker tests run, built from this machine's own binaries.
+scripts/images.sh
+
 cargo test --workspace --all-targets --locked -- "$@"

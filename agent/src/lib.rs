@@ -8,5 +8,6 @@ pub mod enroll;
 pub mod host;
 pub mod identity;
 pub mod link;
+pub mod runtime;
 
 pub use link::{AgentConfig, Credentials, Enrollment, IdentitySource, run};

@@ -1,0 +1,505 @@
+//! The agent's hands on the local Docker engine: deploy, start, stop, restart and remove
+//! the containers of deployments, and report what is really there.
+//!
+//! Scoping: every container the agent makes carries `dev.flotilla.managed=true`,
+//! `dev.flotilla.droplet=<this droplet>`, `dev.flotilla.deployment=<id>` and
+//! `dev.flotilla.generation=<n>`, and is named `flotilla-<deployment>-g<generation>`. The
+//! agent lists only containers carrying its own droplet label and refuses to touch a
+//! container of a matching name that lacks them: anything else on the host, including
+//! another agent's containers on a shared engine, is invisible to it.
+
+use std::collections::HashMap;
+
+use bollard::{
+    Docker,
+    auth::DockerCredentials,
+    errors::Error as DockerError,
+    models::{
+        ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum,
+        HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, NetworkCreateRequest, NetworkingConfig, PortBinding,
+        RestartPolicy, RestartPolicyNameEnum, VolumeCreateOptions,
+    },
+    query_parameters::{
+        CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+        ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RestartContainerOptionsBuilder,
+        StopContainerOptionsBuilder,
+    },
+};
+use flotilla::{
+    DropletId,
+    proto::{self, ContainerState, ContainerStatus, Health, HealthStatus, PublishedPort},
+    spec::{DeploymentSpec, PullPolicy, RestartMode},
+};
+use futures::StreamExt as _;
+use uuid::Uuid;
+
+use crate::docker::{LABEL_DROPLET, LABEL_MANAGED};
+
+pub const LABEL_DEPLOYMENT: &str = "dev.flotilla.deployment";
+pub const LABEL_GENERATION: &str = "dev.flotilla.generation";
+
+/// What went wrong, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the Docker engine refused: {0}")]
+    Docker(#[from] DockerError),
+    #[error("image {0} is not on this droplet and the pull policy is `never`")]
+    ImageMissing(String),
+    #[error("pulling {image}: {message}")]
+    Pull { image: String, message: String },
+    #[error("deployment {0} has no container on this droplet")]
+    NotDeployed(Uuid),
+    #[error("a container named {0} exists but is not managed by this agent; it is left alone")]
+    Foreign(String),
+    #[error("generation {new} failed to start ({reason}); generation {old} was restarted")]
+    RolledBack { new: u64, old: u64, reason: String },
+}
+
+/// The local engine, scoped to one droplet.
+#[derive(Clone)]
+pub struct Runtime {
+    docker: Docker,
+    droplet: DropletId,
+}
+
+/// `flotilla-<deployment>-g<generation>`.
+pub fn container_name(deployment: Uuid, generation: u64) -> String {
+    format!("flotilla-{deployment}-g{generation}")
+}
+
+/// The per-droplet network every managed container joins.
+pub fn network_name(droplet: DropletId) -> String {
+    format!("flotilla-{droplet}")
+}
+
+fn is_not_found(error: &DockerError) -> bool {
+    matches!(error, DockerError::DockerResponseServerError { status_code: 404, .. })
+}
+
+impl Runtime {
+    pub fn new(docker: Docker, droplet: DropletId) -> Self {
+        Self { docker, droplet }
+    }
+
+    pub fn droplet(&self) -> DropletId {
+        self.droplet
+    }
+
+    fn labels(&self, deployment: Uuid, generation: u64) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
+            (LABEL_DEPLOYMENT.to_owned(), deployment.to_string()),
+            (LABEL_GENERATION.to_owned(), generation.to_string()),
+        ])
+    }
+
+    /// Managed containers of this droplet (optionally of one deployment), with their
+    /// generation, oldest generation first.
+    async fn managed(&self, deployment: Option<Uuid>) -> Result<Vec<(String, Uuid, u64)>, DockerError> {
+        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={}", self.droplet)];
+        if let Some(deployment) = deployment {
+            labels.push(format!("{LABEL_DEPLOYMENT}={deployment}"));
+        }
+        let filters = HashMap::from([("label", labels)]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let mut found: Vec<(String, Uuid, u64)> = self
+            .docker
+            .list_containers(Some(options))
+            .await?
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                // The engine filtered on these; check again rather than trust a filter.
+                if labels.get(LABEL_DROPLET) != Some(&self.droplet.to_string()) {
+                    return None;
+                }
+                let deployment = labels.get(LABEL_DEPLOYMENT)?.parse().ok()?;
+                let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
+                Some((c.id?, deployment, generation))
+            })
+            .collect();
+        found.sort_by_key(|(_, _, generation)| *generation);
+        Ok(found)
+    }
+
+    /// Inspects a container only if it is ours.
+    async fn inspect_ours(&self, id_or_name: &str) -> Result<Option<ContainerInspectResponse>, RuntimeError> {
+        match self.docker.inspect_container(id_or_name, None::<InspectContainerOptions>).await {
+            Ok(found) => {
+                let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                if labels.get(LABEL_DROPLET) == Some(&self.droplet.to_string()) {
+                    Ok(Some(found))
+                } else {
+                    Err(RuntimeError::Foreign(id_or_name.to_owned()))
+                }
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every managed container of this droplet, as observed now.
+    pub async fn inventory(&self) -> Result<Vec<ContainerStatus>, RuntimeError> {
+        let mut statuses = Vec::new();
+        for (id, _, _) in self.managed(None).await? {
+            if let Some(found) = self.inspect_ours(&id).await? {
+                statuses.push(status_of(&found));
+            }
+        }
+        Ok(statuses)
+    }
+
+    /// The status of a deployment's newest container.
+    pub async fn status(&self, deployment: Uuid) -> Result<ContainerStatus, RuntimeError> {
+        let (id, _, _) = self.managed(Some(deployment)).await?.pop().ok_or(RuntimeError::NotDeployed(deployment))?;
+        let found = self.inspect_ours(&id).await?.ok_or(RuntimeError::NotDeployed(deployment))?;
+        Ok(status_of(&found))
+    }
+
+    async fn ensure_network(&self) -> Result<String, RuntimeError> {
+        let name = network_name(self.droplet);
+        match self.docker.inspect_network(&name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+            Ok(_) => return Ok(name),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let request = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
+            ])),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(name),
+            // Another deploy created it at the same moment.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(name),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn pull(&self, spec: &DeploymentSpec) -> Result<(), RuntimeError> {
+        let image = spec.image.to_string();
+        let present = match self.docker.inspect_image(&image).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(e.into()),
+        };
+        match (spec.pull_policy, present) {
+            (PullPolicy::Never, false) => return Err(RuntimeError::ImageMissing(image)),
+            (PullPolicy::Never | PullPolicy::IfNotPresent, true) => return Ok(()),
+            _ => {}
+        }
+        let credentials = spec.registry_auth.as_ref().map(|auth| DockerCredentials {
+            username: Some(auth.username.clone()),
+            password: Some(auth.password.0.clone()),
+            serveraddress: Some(auth.server.clone()).filter(|s| !s.is_empty()),
+            ..Default::default()
+        });
+        let options = CreateImageOptionsBuilder::default().from_image(&image).build();
+        let mut progress = self.docker.create_image(Some(options), None, credentials);
+        while let Some(step) = progress.next().await {
+            match step {
+                Ok(info) => {
+                    if let Some(error) = info.error_detail.and_then(|d| d.message) {
+                        return Err(RuntimeError::Pull { image, message: error });
+                    }
+                    tracing::debug!(status = ?info.status, progress = ?info.progress, "pulling {image}");
+                }
+                Err(e) => return Err(RuntimeError::Pull { image, message: e.to_string() }),
+            }
+        }
+        Ok(())
+    }
+
+    fn create_body(
+        &self,
+        deployment: Uuid,
+        generation: u64,
+        spec: &DeploymentSpec,
+        network: &str,
+    ) -> ContainerCreateBody {
+        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        labels.extend(self.labels(deployment, generation));
+        let mut exposed = HashMap::new();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for port in &spec.ports {
+            let key = format!("{}/{}", port.container_port, port.protocol.as_str());
+            exposed.insert(key.clone(), HashMap::new());
+            bindings.entry(key).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(PortBinding {
+                host_ip: port.bind_address.map(|ip| ip.to_string()),
+                host_port: Some(port.host_port.map(|p| p.to_string()).unwrap_or_default()),
+            });
+        }
+        let restart_policy = match spec.restart {
+            RestartMode::No => RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None },
+            RestartMode::Always => {
+                RestartPolicy { name: Some(RestartPolicyNameEnum::ALWAYS), maximum_retry_count: None }
+            }
+            RestartMode::UnlessStopped => {
+                RestartPolicy { name: Some(RestartPolicyNameEnum::UNLESS_STOPPED), maximum_retry_count: None }
+            }
+            RestartMode::OnFailure { max_retries } => RestartPolicy {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: Some(i64::from(max_retries)),
+            },
+        };
+        let mounts = spec
+            .volumes
+            .iter()
+            .map(|v| Mount {
+                target: Some(v.container_path.clone()),
+                source: Some(volume_name(deployment, &v.name)),
+                typ: Some(MountTypeEnum::VOLUME),
+                read_only: Some(v.read_only),
+                ..Default::default()
+            })
+            .collect();
+        let host_config = HostConfig {
+            port_bindings: Some(bindings),
+            restart_policy: Some(restart_policy),
+            memory: spec.resources.memory_bytes.and_then(|m| i64::try_from(m).ok()),
+            nano_cpus: spec.resources.cpu_millis.map(|m| i64::from(m) * 1_000_000),
+            mounts: Some(mounts),
+            network_mode: Some(network.to_owned()),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "3".into())])),
+            }),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.to_string()),
+            entrypoint: Some(spec.command.clone()).filter(|c| !c.is_empty()),
+            cmd: Some(spec.args.clone()).filter(|a| !a.is_empty()),
+            env: Some(spec.env.iter().map(|v| format!("{}={}", v.name, v.value.0)).collect()),
+            labels: Some(labels),
+            exposed_ports: Some(exposed),
+            user: spec.user.clone(),
+            working_dir: spec.working_dir.clone(),
+            host_config: Some(host_config),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(network.to_owned(), EndpointSettings::default())])),
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn ensure_volumes(&self, deployment: Uuid, spec: &DeploymentSpec) -> Result<(), RuntimeError> {
+        for volume in &spec.volumes {
+            let mut labels = self.labels(deployment, 0);
+            labels.remove(LABEL_GENERATION);
+            let options = VolumeCreateOptions {
+                name: Some(volume_name(deployment, &volume.name)),
+                labels: Some(labels),
+                ..Default::default()
+            };
+            self.docker.create_volume(options).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `generation` of `deployment` the running container. The same generation again
+    /// is a no-op (started if stopped). A new generation is pulled first, created beside
+    /// the old one, the old is stopped, the new started; if the new one fails to start,
+    /// the old one is started again and the failure reported.
+    pub async fn deploy(
+        &self,
+        deployment: Uuid,
+        generation: u64,
+        spec: &DeploymentSpec,
+    ) -> Result<ContainerStatus, RuntimeError> {
+        let existing = self.managed(Some(deployment)).await?;
+        if let Some((id, _, _)) = existing.iter().find(|(_, _, g)| *g == generation) {
+            let found = self.inspect_ours(id).await?.ok_or(RuntimeError::NotDeployed(deployment))?;
+            if !found.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+                self.docker.start_container(id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+            }
+            return self.status(deployment).await;
+        }
+        self.pull(spec).await?;
+        let network = self.ensure_network().await?;
+        self.ensure_volumes(deployment, spec).await?;
+        let name = container_name(deployment, generation);
+        if self.inspect_ours(&name).await?.is_some() {
+            // A leftover of an interrupted deploy of this generation: start afresh.
+            self.docker
+                .remove_container(&name, Some(RemoveContainerOptionsBuilder::default().force(true).build()))
+                .await?;
+        }
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), self.create_body(deployment, generation, spec, &network))
+            .await?;
+
+        let older: Vec<(String, u64)> = existing.into_iter().map(|(id, _, g)| (id, g)).collect();
+        for (id, _) in &older {
+            self.stop_one(id, 10).await?;
+        }
+        if let Err(error) =
+            self.docker.start_container(&created.id, None::<bollard::query_parameters::StartContainerOptions>).await
+        {
+            let _ = self
+                .docker
+                .remove_container(&created.id, Some(RemoveContainerOptionsBuilder::default().force(true).build()))
+                .await;
+            if let Some((old_id, old_generation)) = older.last() {
+                self.docker.start_container(old_id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+                return Err(RuntimeError::RolledBack {
+                    new: generation,
+                    old: *old_generation,
+                    reason: error.to_string(),
+                });
+            }
+            return Err(error.into());
+        }
+        for (id, _) in &older {
+            self.docker
+                .remove_container(id, Some(RemoveContainerOptionsBuilder::default().force(true).build()))
+                .await?;
+        }
+        self.status(deployment).await
+    }
+
+    async fn newest(&self, deployment: Uuid) -> Result<String, RuntimeError> {
+        Ok(self.managed(Some(deployment)).await?.pop().ok_or(RuntimeError::NotDeployed(deployment))?.0)
+    }
+
+    async fn stop_one(&self, id: &str, grace_secs: i32) -> Result<(), DockerError> {
+        match self.docker.stop_container(id, Some(StopContainerOptionsBuilder::default().t(grace_secs).build())).await {
+            // 304: already stopped.
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn start(&self, deployment: Uuid) -> Result<ContainerStatus, RuntimeError> {
+        let id = self.newest(deployment).await?;
+        match self.docker.start_container(&id, None::<bollard::query_parameters::StartContainerOptions>).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.status(deployment).await
+    }
+
+    pub async fn stop(&self, deployment: Uuid, grace: std::time::Duration) -> Result<ContainerStatus, RuntimeError> {
+        let id = self.newest(deployment).await?;
+        self.stop_one(&id, i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)).await?;
+        self.status(deployment).await
+    }
+
+    pub async fn restart(&self, deployment: Uuid, grace: std::time::Duration) -> Result<ContainerStatus, RuntimeError> {
+        let id = self.newest(deployment).await?;
+        let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        self.docker.restart_container(&id, Some(RestartContainerOptionsBuilder::default().t(t).build())).await?;
+        self.status(deployment).await
+    }
+
+    /// Removes every container of the deployment (and its volumes when asked). Removing
+    /// what is already gone succeeds.
+    pub async fn remove(&self, deployment: Uuid, remove_volumes: bool) -> Result<(), RuntimeError> {
+        for (id, _, _) in self.managed(Some(deployment)).await? {
+            match self
+                .docker
+                .remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).v(true).build()))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if remove_volumes {
+            let filters = HashMap::from([(
+                "label",
+                vec![format!("{LABEL_DROPLET}={}", self.droplet), format!("{LABEL_DEPLOYMENT}={deployment}")],
+            )]);
+            let options = bollard::query_parameters::ListVolumesOptionsBuilder::default().filters(&filters).build();
+            let volumes = self.docker.list_volumes(Some(options)).await?.volumes.unwrap_or_default();
+            for volume in volumes {
+                self.docker.remove_volume(&volume.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn volume_name(deployment: Uuid, name: &str) -> String {
+    format!("flotilla-{deployment}-{name}")
+}
+
+/// What Docker says about a container, in the protocol's terms.
+pub fn status_of(found: &ContainerInspectResponse) -> ContainerStatus {
+    let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+    let state = found.state.as_ref();
+    let container_state = match state.and_then(|s| s.status) {
+        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+        Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
+        Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
+        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
+        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+        Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
+        _ => ContainerState::Unspecified,
+    };
+    let health = state.and_then(|s| s.health.as_ref()).and_then(|h| h.status).map(|status| HealthStatus {
+        health: match status {
+            HealthStatusEnum::STARTING => Health::Starting,
+            HealthStatusEnum::HEALTHY => Health::Healthy,
+            HealthStatusEnum::UNHEALTHY => Health::Unhealthy,
+            _ => Health::Unspecified,
+        } as i32,
+        detail: "the image's HEALTHCHECK".into(),
+        ..Default::default()
+    });
+    let ports = found
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(key, bindings)| {
+            let (port, protocol) = key.split_once('/').map_or((key.as_str(), "tcp"), |(p, proto)| (p, proto));
+            let container_port: u32 = port.parse().unwrap_or(0);
+            let protocol = protocol.to_owned();
+            bindings.unwrap_or_default().into_iter().map(move |b| PublishedPort {
+                container_port,
+                host_port: b.host_port.and_then(|p| p.parse().ok()).unwrap_or(0),
+                protocol: protocol.clone(),
+                host_ip: b.host_ip.unwrap_or_default(),
+            })
+        })
+        .collect();
+    ContainerStatus {
+        deployment_id: labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
+        generation: labels.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+        container_id: found.id.clone().unwrap_or_default(),
+        name: found.name.clone().unwrap_or_default().trim_start_matches('/').to_owned(),
+        image: found.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
+        state: container_state as i32,
+        health,
+        restart_count: found.restart_count.and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+        ports,
+        started_at: state
+            .and_then(|s| s.started_at.as_deref())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .filter(|t| t.timestamp() > 0)
+            .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }),
+        exit_code: state.and_then(|s| s.exit_code).filter(|_| container_state == ContainerState::Exited),
+    }
+}
+
+/// The spec of a `Deploy` command, validated again here before Docker is touched.
+pub fn validate(deploy: &proto::Deploy) -> Result<(Uuid, u64, DeploymentSpec), String> {
+    let deployment = Uuid::try_parse(&deploy.deployment_id)
+        .map_err(|_| format!("deployment_id: {:?} is not a UUID", deploy.deployment_id))?;
+    if deploy.generation == 0 {
+        return Err("generation: must be at least 1".into());
+    }
+    let spec = deploy.spec.clone().ok_or("spec: is required")?;
+    let spec = DeploymentSpec::try_from(spec).map_err(|e| e.to_string())?;
+    Ok((deployment, deploy.generation, spec))
+}
