@@ -43,6 +43,12 @@ impl Engine {
         Ok(version.version.unwrap_or_else(|| "unknown".into()))
     }
 
+    /// The engine, once it has answered.
+    pub fn docker(&self) -> Result<Docker, String> {
+        let docker = self.docker.clone()?;
+        if self.answered { Ok(docker) } else { Err("the Docker engine has not answered".into()) }
+    }
+
     /// Containers this droplet manages (running or not); 0 when the engine is unavailable.
     pub async fn managed_containers(&self, droplet: DropletId) -> u32 {
         let Ok(docker) = &self.docker else { return 0 };

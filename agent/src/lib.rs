@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod docker;
 pub mod enroll;
+mod executor;
 pub mod host;
 pub mod identity;
 pub mod link;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, CommandResult, ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate,
+        AgentMessage, ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate,
         agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
     },
     protocol,
@@ -21,8 +21,10 @@ use crate::{
     backoff::{Backoff, worth_logging},
     docker::Engine,
     enroll::{self, Trust},
+    executor::Executor,
     host::HostProbe,
     identity::{Held, Store},
+    runtime::Runtime,
 };
 
 /// When to renew the certificate, and the key waiting for its certificate.
@@ -260,18 +262,17 @@ struct Agent {
     held: Option<Held>,
 }
 
-struct Wire {
+/// The session's outbound half, shared by the session loop and the executor.
+#[derive(Clone)]
+pub(crate) struct Wire {
     tx: mpsc::Sender<AgentMessage>,
-    seq: u64,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Wire {
-    async fn send(&mut self, kind: agent_message::Kind) -> anyhow::Result<()> {
-        self.seq += 1;
-        self.tx
-            .send(AgentMessage { seq: self.seq, kind: Some(kind) })
-            .await
-            .context("the session's outbound stream closed")
+    pub(crate) async fn send(&self, kind: agent_message::Kind) -> anyhow::Result<()> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.tx.send(AgentMessage { seq, kind: Some(kind) }).await.context("the session's outbound stream closed")
     }
 }
 
@@ -339,7 +340,7 @@ impl Agent {
             }
         };
         let (tx, rx) = mpsc::channel(64);
-        let mut wire = Wire { tx, seq: 0 };
+        let wire = Wire { tx, seq: Default::default() };
         if let Err(error) = wire.send(agent_message::Kind::Hello(self.hello().await)).await {
             return Ended::Failed(error);
         }
@@ -388,6 +389,7 @@ impl Agent {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
+        let executor = Executor::start(self.runtime(), wire.clone());
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ended::Shutdown,
@@ -414,7 +416,7 @@ impl Agent {
                 }
                 message = inbound.message() => match message {
                     Ok(Some(ControlMessage { kind: Some(kind) })) => {
-                        if let Some(ended) = self.handle(kind, &mut wire, &mut renewal).await {
+                        if let Some(ended) = self.handle(kind, &wire, &mut renewal, &executor).await {
                             return ended;
                         }
                     }
@@ -460,26 +462,26 @@ impl Agent {
         }
     }
 
-    async fn handle(&mut self, kind: control_message::Kind, wire: &mut Wire, renewal: &mut Renewal) -> Option<Ended> {
+    async fn handle(
+        &mut self,
+        kind: control_message::Kind,
+        wire: &Wire,
+        renewal: &mut Renewal,
+        executor: &Executor,
+    ) -> Option<Ended> {
         match kind {
             control_message::Kind::Goodbye(goodbye) => return Some(Ended::Goodbye(goodbye)),
-            control_message::Kind::Command(command) => {
-                // This agent runs no commands yet: say so rather than pretend.
-                tracing::warn!(command_id = %command.id, "refused a command this agent cannot run yet");
-                let result = CommandResult {
-                    command_id: command.id,
-                    success: false,
-                    message: "this agent does not run commands of this kind".into(),
-                    ..Default::default()
-                };
-                if let Err(error) = wire.send(agent_message::Kind::CommandResult(result)).await {
-                    return Some(Ended::Failed(error));
-                }
-            }
+            control_message::Kind::Command(command) => executor.submit(command, wire).await,
             control_message::Kind::Welcome(_) => tracing::debug!("ignored a second Welcome"),
             control_message::Kind::Certificate(certificate) => self.store_renewed(certificate, renewal),
         }
         None
+    }
+
+    /// The runtime for this droplet's containers, or why there is none.
+    fn runtime(&self) -> Result<Runtime, String> {
+        let droplet = self.held.as_ref().map(|h| h.droplet).ok_or("no droplet identity")?;
+        Ok(Runtime::new(self.engine.docker()?, droplet))
     }
 
     async fn hello(&mut self) -> Hello {
@@ -490,13 +492,20 @@ impl Agent {
                 (String::new(), error)
             }
         };
+        let inventory = match self.runtime() {
+            Ok(runtime) => runtime.inventory().await.unwrap_or_else(|error| {
+                tracing::warn!("could not list this droplet's containers: {error}");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
         Hello {
             protocol: Some(protocol::CURRENT),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             host: Some(self.host.facts()),
             docker_version,
             docker_error,
-            inventory: Vec::new(),
+            inventory,
             applied_command_ids: Vec::new(),
             load: Some(self.load().await),
         }

@@ -7,10 +7,10 @@ use std::time::Duration;
 use flotilla::{
     DropletId,
     proto::{
-        self, CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, DeleteDropletRequest, DeleteDropletResponse,
-        Droplet, EnrollmentToken, GetDropletRequest, HostFacts, HostLoad, ListDropletsRequest, ListDropletsResponse,
-        ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ProtocolVersion, RevokeEnrollmentTokenRequest,
-        fleet_server::Fleet,
+        self, CreateDeploymentRequest, CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse,
+        DeleteDropletRequest, DeleteDropletResponse, Deployment, Droplet, EnrollmentToken, GetDeploymentRequest,
+        GetDropletRequest, HostFacts, HostLoad, ListDropletsRequest, ListDropletsResponse, ListEnrollmentTokensRequest,
+        ListEnrollmentTokensResponse, ProtocolVersion, RevokeEnrollmentTokenRequest, fleet_server::Fleet,
     },
 };
 use sqlx::PgPool;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    enrollment,
+    deployments, enrollment,
     state::State,
     store::{self, DropletRow, DropletStatus},
 };
@@ -48,8 +48,39 @@ fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
     Uuid::try_parse(value).map_err(|_| Status::invalid_argument(format!("{field}: {value:?} is not a UUID")))
 }
 
+fn deployment_status(error: deployments::DeploymentError) -> Status {
+    use deployments::DeploymentError as E;
+    match error {
+        E::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+        E::NoDroplet(_) | E::NotFound(_) => Status::not_found(error.to_string()),
+        E::Unreadable(_) => {
+            tracing::error!(%error, "unreadable deployment");
+            Status::internal("the deployment's stored spec cannot be read")
+        }
+        E::Database(error) => db_error(error),
+    }
+}
+
 #[tonic::async_trait]
 impl Fleet for FleetApi {
+    async fn create_deployment(
+        &self,
+        request: Request<CreateDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        let droplet = DropletId::from_uuid(parse_id("droplet_id", &request.droplet_id)?);
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let created =
+            deployments::create(&self.state, droplet, &request.name, spec).await.map_err(deployment_status)?;
+        tracing::info!(deployment_id = %created.id, droplet_id = %droplet, "deployment created");
+        Ok(Response::new(created))
+    }
+
+    async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
+        let id = parse_id("id", &request.get_ref().id)?;
+        Ok(Response::new(deployments::get(&self.state, id).await.map_err(deployment_status)?))
+    }
+
     async fn delete_droplet(
         &self,
         request: Request<DeleteDropletRequest>,
@@ -241,7 +272,7 @@ fn status_to_proto(status: &str) -> proto::DropletStatus {
     }
 }
 
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 

@@ -17,6 +17,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
+    deployments,
     enrollment::{self, EnrollError},
     pki::CsrError,
     sessions::{Beat, Outbound},
@@ -179,6 +180,9 @@ impl Session {
         );
 
         if self.send(control_message::Kind::Welcome(self.welcome())).await {
+            for container in &hello.inventory {
+                deployments::observe(&self.state, droplet, container).await;
+            }
             self.serve(&mut inbound, &end).await;
         }
 
@@ -279,6 +283,27 @@ impl Session {
                 }
             }
             Some(agent_message::Kind::RenewCertificate(renew)) => self.renew(&renew.csr_pem).await,
+            Some(agent_message::Kind::CommandResult(result)) => {
+                if let Some(container) = &result.container {
+                    deployments::observe(&self.state, droplet, container).await;
+                }
+                if !result.success {
+                    tracing::warn!(command_id = %result.command_id, "command failed: {}", result.message);
+                    if let Some(container) = &result.container
+                        && let Ok(deployment) = uuid::Uuid::try_parse(&container.deployment_id)
+                        && let Err(error) =
+                            store::set_deployment_error(&self.state.db, deployment, droplet.as_uuid(), &result.message)
+                                .await
+                    {
+                        tracing::warn!(%error, "could not record a command's failure");
+                    }
+                }
+            }
+            Some(agent_message::Kind::ContainerEvent(event)) => {
+                if let Some(container) = &event.container {
+                    deployments::observe(&self.state, droplet, container).await;
+                }
+            }
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("ignored a second Hello in one session");
             }

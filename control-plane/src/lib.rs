@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod crypto;
+pub mod deployments;
 pub mod enrollment;
 pub mod gateway;
 pub mod liveness;

@@ -92,6 +92,7 @@ pub async fn serve(
         authorities: Arc::new(authorities),
         revocations,
         cert_validity: config.cert_validity,
+        master_key: config.master_key.clone(),
     };
 
     let stop_accepting = CancellationToken::new();

@@ -158,6 +158,14 @@ impl Sessions {
         true
     }
 
+    /// Queues a message to the droplet's session here, if it has one. `false` when it has
+    /// none or its queue is full.
+    pub fn send(&self, droplet: DropletId, kind: control_message::Kind) -> bool {
+        let map = self.lock();
+        let Some(entry) = map.get(&droplet) else { return false };
+        entry.outbound.try_send(Ok(ControlMessage { kind: Some(kind) })).is_ok()
+    }
+
     /// Says goodbye to every session; `goodbye` makes each one's message.
     pub fn close_all(&self, mut goodbye: impl FnMut() -> Goodbye) {
         for entry in self.lock().values() {

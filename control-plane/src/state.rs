@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 
-use crate::{config::Timing, pki::Authorities, revocation::Revocations, sessions::Sessions};
+use crate::{config::Timing, crypto::MasterKey, pki::Authorities, revocation::Revocations, sessions::Sessions};
 
 #[derive(Clone)]
 pub struct State {
@@ -16,6 +16,8 @@ pub struct State {
     pub revocations: Revocations,
     /// How long droplet certificates are valid.
     pub cert_validity: Duration,
+    /// Seals deployment specs (they may carry secrets).
+    pub master_key: Arc<MasterKey>,
 }
 
 impl State {

@@ -599,3 +599,90 @@ pub async fn delete_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Vec<St
 pub async fn get_token(db: &PgPool, id: Uuid) -> sqlx::Result<Option<TokenRow>> {
     sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = $1").bind(id).fetch_optional(db).await
 }
+
+// ---------------------------------------------------------------------------
+// Deployments and observed containers
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeploymentRow {
+    pub id: Uuid,
+    pub account: String,
+    pub droplet_id: Uuid,
+    pub name: String,
+    pub generation: i64,
+    pub desired_state: String,
+    pub spec_sealed: Vec<u8>,
+    pub last_error: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Stores a new deployment at generation 1. `None` if the droplet does not exist.
+pub async fn insert_deployment(
+    db: &PgPool,
+    id: Uuid,
+    droplet: Uuid,
+    name: &str,
+    spec_sealed: &[u8],
+) -> sqlx::Result<Option<DeploymentRow>> {
+    sqlx::query_as(
+        "INSERT INTO deployments (id, account, droplet_id, name, generation, desired_state, spec_sealed)
+         SELECT $1, d.account, d.id, $3, 1, 'running', $4 FROM droplets d WHERE d.id = $2
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(droplet)
+    .bind(name)
+    .bind(spec_sealed)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn get_deployment(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DeploymentRow>> {
+    sqlx::query_as("SELECT * FROM deployments WHERE id = $1").bind(id).fetch_optional(db).await
+}
+
+pub async fn set_deployment_error(db: &PgPool, id: Uuid, droplet: Uuid, error: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE deployments SET last_error = $3, updated_at = now() WHERE id = $1 AND droplet_id = $2")
+        .bind(id)
+        .bind(droplet)
+        .bind(error)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Records what a droplet reports of a deployment's container, only for deployments of
+/// that droplet (a droplet cannot write another droplet's state).
+pub async fn record_container(
+    db: &PgPool,
+    droplet: Uuid,
+    deployment: Uuid,
+    generation: i64,
+    state: &str,
+    status: &[u8],
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO containers (deployment_id, droplet_id, status, state, generation)
+         SELECT id, droplet_id, $3, $4, $5 FROM deployments WHERE id = $1 AND droplet_id = $2
+         ON CONFLICT (deployment_id) DO UPDATE SET
+             status = EXCLUDED.status, state = EXCLUDED.state, generation = EXCLUDED.generation,
+             reported_at = now()",
+    )
+    .bind(deployment)
+    .bind(droplet)
+    .bind(status)
+    .bind(state)
+    .bind(generation)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn container_status(db: &PgPool, deployment: Uuid) -> sqlx::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar("SELECT status FROM containers WHERE deployment_id = $1")
+        .bind(deployment)
+        .fetch_optional(db)
+        .await
+}

@@ -1,0 +1,150 @@
+//! Deployments: a validated spec stored (sealed: it may hold secrets), and the command
+//! that asks the droplet to run it.
+//!
+//! Delivery here is best effort over the live session; the durable command ledger
+//! (commands as rows, re-sent after reconnects, applied once) replaces it.
+
+use flotilla::{
+    DropletId,
+    proto::{self, Command, ContainerStatus, Deploy, command, control_message},
+    spec::{DeploymentSpec, SpecError},
+};
+use prost::Message as _;
+use uuid::Uuid;
+
+use crate::{state::State, store};
+
+fn seal_context(id: Uuid) -> Vec<u8> {
+    [b"flotilla/deployment-spec/".as_slice(), id.as_bytes()].concat()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeploymentError {
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+    #[error("droplet {0} not found")]
+    NoDroplet(Uuid),
+    #[error("deployment {0} not found")]
+    NotFound(Uuid),
+    #[error("the stored spec of deployment {0} cannot be read with this master key")]
+    Unreadable(Uuid),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Validates, stores at generation 1, and sends `Deploy` if the droplet is connected here.
+pub async fn create(
+    state: &State,
+    droplet: DropletId,
+    name: &str,
+    spec: proto::DeploymentSpec,
+) -> Result<proto::Deployment, DeploymentError> {
+    DeploymentSpec::try_from(spec.clone())?;
+    let id = Uuid::new_v4();
+    let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
+    let row = store::insert_deployment(&state.db, id, droplet.as_uuid(), name, &sealed)
+        .await?
+        .ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
+    let deploy = Deploy { deployment_id: id.to_string(), generation: 1, spec: Some(spec) };
+    let command = Command { id: Uuid::new_v4().to_string(), deadline: None, kind: Some(command::Kind::Deploy(deploy)) };
+    if !state.sessions.send(droplet, control_message::Kind::Command(command)) {
+        tracing::info!(droplet_id = %droplet, deployment_id = %id, "droplet not connected; the deploy waits for the command ledger");
+    }
+    to_proto(state, row, None)
+}
+
+pub async fn get(state: &State, id: Uuid) -> Result<proto::Deployment, DeploymentError> {
+    let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
+    let container =
+        store::container_status(&state.db, id).await?.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
+    to_proto(state, row, container)
+}
+
+fn to_proto(
+    state: &State,
+    row: store::DeploymentRow,
+    container: Option<ContainerStatus>,
+) -> Result<proto::Deployment, DeploymentError> {
+    let bytes = state
+        .master_key
+        .open(&seal_context(row.id), &row.spec_sealed)
+        .map_err(|_| DeploymentError::Unreadable(row.id))?;
+    let spec = proto::DeploymentSpec::decode(bytes.as_slice()).map_err(|_| DeploymentError::Unreadable(row.id))?;
+    use proto::deployment::DesiredState as D;
+    let desired = match row.desired_state.as_str() {
+        "running" => D::Running,
+        "stopped" => D::Stopped,
+        "removed" => D::Removed,
+        _ => D::Unspecified,
+    };
+    Ok(proto::Deployment {
+        id: row.id.to_string(),
+        droplet_id: row.droplet_id.to_string(),
+        account: row.account,
+        name: row.name,
+        generation: u64::try_from(row.generation).unwrap_or(0),
+        desired_state: desired as i32,
+        spec: Some(mask(spec)),
+        container,
+        created_at: Some(crate::api::timestamp(row.created_at)),
+        updated_at: Some(crate::api::timestamp(row.updated_at)),
+        last_error: row.last_error,
+    })
+}
+
+/// The spec as the API shows it: every secret replaced by "***".
+pub fn mask(mut spec: proto::DeploymentSpec) -> proto::DeploymentSpec {
+    for var in spec.env.iter_mut().filter(|v| v.secret) {
+        var.value = "***".into();
+    }
+    if let Some(auth) = spec.registry_auth.as_mut().filter(|a| !a.password.is_empty()) {
+        auth.password = "***".into();
+    }
+    spec
+}
+
+/// What a droplet reported of a container: stored against the deployment, if it is that
+/// droplet's.
+pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus) {
+    let Ok(deployment) = Uuid::try_parse(&status.deployment_id) else { return };
+    let generation = i64::try_from(status.generation).unwrap_or(i64::MAX);
+    let recorded = store::record_container(
+        &state.db,
+        droplet.as_uuid(),
+        deployment,
+        generation,
+        status.state().as_str_name(),
+        &status.encode_to_vec(),
+    )
+    .await;
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(%deployment, "report about an unknown deployment ignored"),
+        Err(error) => tracing::warn!(%error, "could not record a container's state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_hides_secret_values_and_registry_passwords_only() {
+        let spec = proto::DeploymentSpec {
+            env: vec![
+                proto::EnvVar { name: "PUBLIC".into(), value: "shown".into(), secret: false },
+                proto::EnvVar { name: "TOKEN".into(), value: "hunter2".into(), secret: true },
+            ],
+            registry_auth: Some(proto::RegistryAuth {
+                username: "me".into(),
+                password: "pw".into(),
+                server: String::new(),
+            }),
+            ..Default::default()
+        };
+        let masked = mask(spec);
+        assert_eq!(masked.env[0].value, "shown");
+        assert_eq!(masked.env[1].value, "***");
+        assert_eq!(masked.registry_auth.map(|a| (a.username, a.password)), Some(("me".into(), "***".into())));
+    }
+}

@@ -1,0 +1,26 @@
+-- Deployments hold the desired spec (sealed with the master key: it may carry secret env
+-- values and registry credentials), its generation and desired run state.
+CREATE TABLE deployments (
+    id             uuid PRIMARY KEY,
+    account        text NOT NULL REFERENCES accounts (name),
+    droplet_id     uuid NOT NULL REFERENCES droplets (id) ON DELETE CASCADE,
+    name           text NOT NULL DEFAULT '',
+    generation     bigint NOT NULL CHECK (generation >= 1),
+    desired_state  text NOT NULL CHECK (desired_state IN ('running', 'stopped', 'removed')),
+    spec_sealed    bytea NOT NULL,
+    last_error     text NOT NULL DEFAULT '',
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX deployments_droplet ON deployments (droplet_id);
+
+-- The container of each deployment as its droplet last reported it.
+CREATE TABLE containers (
+    deployment_id  uuid PRIMARY KEY REFERENCES deployments (id) ON DELETE CASCADE,
+    droplet_id     uuid NOT NULL,
+    status         bytea NOT NULL,  -- flotilla.v1.ContainerStatus, protobuf-encoded
+    state          text NOT NULL,
+    generation     bigint NOT NULL,
+    reported_at    timestamptz NOT NULL DEFAULT now()
+);

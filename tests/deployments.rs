@@ -1,0 +1,143 @@
+//! A deployment made through the API runs on the droplet: the control plane stores it,
+//! the agent runs it on the real Docker engine and reports the container back.
+
+mod helpers;
+
+use std::time::Duration;
+
+use flotilla::{
+    DropletId,
+    proto::{
+        ContainerState, CreateDeploymentRequest, Deployment, DeploymentSpec, DropletStatus, EnvVar,
+        GetDeploymentRequest, McpEndpoint, deployment_spec::PullPolicy,
+    },
+};
+use helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
+use tonic::Code;
+
+const WITHIN: Duration = Duration::from_secs(30);
+const IMAGE: &str = "flotilla-test/mcp-server:latest";
+
+fn test_server_spec() -> DeploymentSpec {
+    DeploymentSpec {
+        image: IMAGE.into(),
+        pull_policy: PullPolicy::Never as i32,
+        env: vec![
+            EnvVar { name: "PORT".into(), value: "8080".into(), secret: false },
+            EnvVar { name: "API_TOKEN".into(), value: "s3cret-value".into(), secret: true },
+        ],
+        mcp: Some(McpEndpoint { port: 8080, path: "/mcp".into() }),
+        ..Default::default()
+    }
+}
+
+/// Removes a droplet's containers and network however the test ends.
+struct Cleanup(DropletId);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=dev.flotilla.droplet={}", self.0)])
+            .output();
+        if let Ok(out) = out {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker").args(["rm", "-f", "-v", id]).output();
+            }
+        }
+        let _ = std::process::Command::new("docker").args(["network", "rm", &format!("flotilla-{}", self.0)]).output();
+    }
+}
+
+async fn deployment(cp: &TestControlPlane, id: &str) -> anyhow::Result<Deployment> {
+    Ok(cp.fleet().await?.get_deployment(GetDeploymentRequest { id: id.into() }).await?.into_inner())
+}
+
+fn docker_inspect(id: &str, format: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("docker").args(["inspect", "-f", format, id]).output()?;
+    anyhow::ensure!(out.status.success(), "docker inspect: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
+
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: "test-mcp".into(),
+        spec: Some(test_server_spec()),
+    };
+    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    assert_eq!(created.generation, 1);
+    let masked = created.spec.clone().unwrap_or_default();
+    assert_eq!(masked.env[1].value, "***", "secret values never come back");
+    assert_eq!(masked.env[0].value, "8080");
+
+    wait_for("the container to run", WITHIN, || async {
+        let d = deployment(&cp, &created.id).await?;
+        Ok(d.container.is_some_and(|c| c.state() == ContainerState::Running))
+    })
+    .await?;
+    let container = deployment(&cp, &created.id).await?.container.unwrap_or_default();
+    assert_eq!(container.name, format!("flotilla-{}-g1", created.id));
+    // The secret reached the one place that needs it: the container's own configuration.
+    let env = docker_inspect(&container.container_id, "{{json .Config.Env}}")?;
+    assert!(env.contains("API_TOKEN=s3cret-value"), "{env}");
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT spec_sealed FROM deployments").fetch_one(&db.pool).await?;
+    assert!(!stored.windows(12).any(|w| w == b"s3cret-value"), "the spec is sealed at rest");
+
+    // An agent restart re-reports the inventory and touches nothing.
+    let started = docker_inspect(&container.container_id, "{{.State.StartedAt}}")?;
+    let reported_before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT reported_at FROM containers").fetch_one(&db.pool).await?;
+    agent.stop().await?;
+    let agent = cp.agent(droplet).await?;
+    wait_for("the inventory to be re-reported", WITHIN, || async {
+        let reported: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT reported_at FROM containers").fetch_one(&db.pool).await?;
+        Ok(reported > reported_before)
+    })
+    .await?;
+    assert_eq!(docker_inspect(&container.container_id, "{{.State.StartedAt}}")?, started, "not restarted");
+    let ours = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&ours.stdout).split_whitespace().count(), 1, "nothing duplicated");
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_stored() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let mut spec = test_server_spec();
+    spec.privileged = true;
+    spec.env.push(EnvVar { name: "BAD=NAME".into(), value: String::new(), secret: false });
+    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let status = cp.fleet().await?.create_deployment(request).await.expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("privileged") && status.message().contains("env[2].name"),
+        "{}",
+        status.message()
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM deployments").fetch_one(&db.pool).await?;
+    assert_eq!(stored, 0);
+
+    let request = CreateDeploymentRequest {
+        droplet_id: DropletId::new().to_string(),
+        name: String::new(),
+        spec: Some(test_server_spec()),
+    };
+    assert_eq!(cp.fleet().await?.create_deployment(request).await.expect_err("no droplet").code(), Code::NotFound);
+    cp.stop().await?;
+    Ok(())
+}
