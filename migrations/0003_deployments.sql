@@ -24,3 +24,19 @@ CREATE TABLE containers (
     generation     bigint NOT NULL,
     reported_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- What a deployment's MCP server said of itself the last time the probe reached it.
+CREATE TABLE mcp_servers (
+    deployment_id  uuid PRIMARY KEY REFERENCES deployments (id) ON DELETE CASCADE,
+    name           text NOT NULL,
+    version        text NOT NULL,
+    discovered_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE mcp_tools (
+    deployment_id  uuid NOT NULL REFERENCES mcp_servers (deployment_id) ON DELETE CASCADE,
+    name           text NOT NULL,
+    description    text NOT NULL,
+    input_schema   jsonb NOT NULL,
+    PRIMARY KEY (deployment_id, name)
+);

@@ -9,7 +9,8 @@ use flotilla::{
     DropletId,
     proto::{
         ContainerState, CreateDeploymentRequest, Deployment, DeploymentSpec, DropletStatus, EnvVar,
-        GetDeploymentRequest, McpEndpoint, deployment_spec::PullPolicy,
+        GetDeploymentRequest, Health, HealthCheck, HttpProbe, ListToolsRequest, McpEndpoint,
+        deployment_spec::PullPolicy, health_check,
     },
 };
 use helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
@@ -138,6 +139,100 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
         spec: Some(test_server_spec()),
     };
     assert_eq!(cp.fleet().await?.create_deployment(request).await.expect_err("no droplet").code(), Code::NotFound);
+    cp.stop().await?;
+    Ok(())
+}
+
+async fn deploy_and_wait_healthy(
+    cp: &TestControlPlane,
+    droplet: DropletId,
+    spec: DeploymentSpec,
+) -> anyhow::Result<Deployment> {
+    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    wait_for("the deployment to be healthy", WITHIN, || async {
+        let d = deployment(cp, &created.id).await?;
+        Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Healthy))
+    })
+    .await?;
+    deployment(cp, &created.id).await
+}
+
+fn seconds(n: u64) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(Duration::from_secs(n)).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_server_turns_healthy_only_by_answering_mcp_and_its_tools_are_stored() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
+
+    let mut spec = test_server_spec();
+    spec.health_check = Some(HealthCheck {
+        probe: Some(health_check::Probe::Mcp(Default::default())),
+        interval: seconds(1),
+        timeout: seconds(1),
+        ..Default::default()
+    });
+    let healthy = deploy_and_wait_healthy(&cp, droplet, spec).await?;
+    let health = healthy.container.and_then(|c| c.health).unwrap_or_default();
+    assert!(health.detail.contains("tools/list") && health.detail.contains("echo"), "{}", health.detail);
+    assert!(health.latency.is_some());
+
+    let tools =
+        cp.fleet().await?.list_tools(ListToolsRequest { deployment_id: healthy.id.clone() }).await?.into_inner();
+    assert_eq!(tools.server_name, "flotilla-test-mcp-server");
+    let names: Vec<&str> = tools.tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["add", "echo"]);
+    let echo: serde_json::Value = serde_json::from_str(&tools.tools[1].input_schema_json)?;
+    assert_eq!(echo["properties"]["text"]["type"], "string", "{echo}");
+    assert_eq!(tools.tools[1].description, "Echo the text back");
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_endpoint_switched_to_failing_turns_the_deployment_unhealthy() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
+
+    let mut spec = test_server_spec();
+    spec.health_check = Some(HealthCheck {
+        probe: Some(health_check::Probe::Http(HttpProbe { port: 8080, path: "/healthz".into(), ..Default::default() })),
+        interval: seconds(1),
+        timeout: seconds(1),
+        failure_threshold: 2,
+        ..Default::default()
+    });
+    let healthy = deploy_and_wait_healthy(&cp, droplet, spec).await?;
+    let container = healthy.container.unwrap_or_default();
+    let ip = docker_inspect(
+        &container.container_id,
+        &format!("{{{{(index .NetworkSettings.Networks \"flotilla-{droplet}\").IPAddress}}}}"),
+    )?;
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "-X", "POST", &format!("http://{ip}:8080/healthz/fail")])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "switching the health endpoint: {}", String::from_utf8_lossy(&out.stderr));
+
+    wait_for("the deployment to be unhealthy", WITHIN, || async {
+        let d = deployment(&cp, &healthy.id).await?;
+        Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Unhealthy))
+    })
+    .await?;
+    let health = deployment(&cp, &healthy.id).await?.container.and_then(|c| c.health).unwrap_or_default();
+    assert!(health.detail.contains("503"), "{}", health.detail);
+    assert!(health.consecutive_failures >= 2);
+    agent.stop().await?;
     cp.stop().await?;
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod docker;
 pub mod enroll;
 mod executor;
+pub mod health;
 pub mod host;
 pub mod identity;
 pub mod link;

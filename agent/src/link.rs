@@ -390,6 +390,7 @@ impl Agent {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
         let executor = Executor::start(self.runtime(), wire.clone());
+        let _monitor = self.runtime().ok().map(|runtime| crate::health::Monitor::start(runtime, wire.clone()));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ended::Shutdown,

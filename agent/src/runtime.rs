@@ -150,6 +150,32 @@ impl Runtime {
         Ok(statuses)
     }
 
+    /// Running managed containers that carry a health check, with their address on the
+    /// droplet network.
+    pub async fn probe_targets(&self) -> Result<Vec<crate::health::Target>, RuntimeError> {
+        let network = network_name(self.droplet);
+        let mut targets = Vec::new();
+        for (id, _, _) in self.managed(None).await? {
+            let Some(found) = self.inspect_ours(&id).await? else { continue };
+            if !found.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+                continue;
+            }
+            let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+            let Some(probe) = crate::health::ProbeSpec::from_labels(&labels) else { continue };
+            let address = found
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref())
+                .and_then(|n| n.get(&network))
+                .and_then(|e| e.ip_address.clone())
+                .filter(|ip| !ip.is_empty());
+            let status = status_of(&found);
+            let docker_health = status.health.as_ref().map(|h| h.health());
+            targets.push(crate::health::Target { container_id: id, probe, address, docker_health, status });
+        }
+        Ok(targets)
+    }
+
     /// The status of a deployment's newest container.
     pub async fn status(&self, deployment: Uuid) -> Result<ContainerStatus, RuntimeError> {
         let (id, _, _) = self.managed(Some(deployment)).await?.pop().ok_or(RuntimeError::NotDeployed(deployment))?;
@@ -224,6 +250,7 @@ impl Runtime {
     ) -> ContainerCreateBody {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.extend(self.labels(deployment, generation));
+        labels.extend(crate::health::ProbeSpec::labels(spec));
         let mut exposed = HashMap::new();
         let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
         for port in &spec.ports {
@@ -489,6 +516,7 @@ pub fn status_of(found: &ContainerInspectResponse) -> ContainerStatus {
             .filter(|t| t.timestamp() > 0)
             .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }),
         exit_code: state.and_then(|s| s.exit_code).filter(|_| container_state == ContainerState::Exited),
+        mcp_server: None,
     }
 }
 

@@ -10,7 +10,8 @@ use flotilla::{
         self, CreateDeploymentRequest, CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse,
         DeleteDropletRequest, DeleteDropletResponse, Deployment, Droplet, EnrollmentToken, GetDeploymentRequest,
         GetDropletRequest, HostFacts, HostLoad, ListDropletsRequest, ListDropletsResponse, ListEnrollmentTokensRequest,
-        ListEnrollmentTokensResponse, ProtocolVersion, RevokeEnrollmentTokenRequest, fleet_server::Fleet,
+        ListEnrollmentTokensResponse, ListToolsRequest, ListToolsResponse, ProtocolVersion,
+        RevokeEnrollmentTokenRequest, fleet_server::Fleet,
     },
 };
 use sqlx::PgPool;
@@ -74,6 +75,11 @@ impl Fleet for FleetApi {
             deployments::create(&self.state, droplet, &request.name, spec).await.map_err(deployment_status)?;
         tracing::info!(deployment_id = %created.id, droplet_id = %droplet, "deployment created");
         Ok(Response::new(created))
+    }
+
+    async fn list_tools(&self, request: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
+        let id = parse_id("deployment_id", &request.get_ref().deployment_id)?;
+        Ok(Response::new(deployments::tools(&self.state, id).await.map_err(deployment_status)?))
     }
 
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {

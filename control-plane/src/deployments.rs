@@ -53,6 +53,27 @@ pub async fn create(
     to_proto(state, row, None)
 }
 
+/// The tools the deployment's MCP server listed the last time the probe reached it.
+pub async fn tools(state: &State, id: Uuid) -> Result<proto::ListToolsResponse, DeploymentError> {
+    store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
+    let Some(((name, version, at), tools)) = store::mcp_tools(&state.db, id).await? else {
+        return Ok(proto::ListToolsResponse::default());
+    };
+    Ok(proto::ListToolsResponse {
+        server_name: name,
+        server_version: version,
+        tools: tools
+            .into_iter()
+            .map(|(name, description, schema)| proto::McpTool {
+                name,
+                description,
+                input_schema_json: schema.0.to_string(),
+            })
+            .collect(),
+        discovered_at: Some(crate::api::timestamp(at)),
+    })
+}
+
 pub async fn get(state: &State, id: Uuid) -> Result<proto::Deployment, DeploymentError> {
     let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
     let container =
@@ -117,6 +138,11 @@ pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus
         &status.encode_to_vec(),
     )
     .await;
+    if let Some(server) = &status.mcp_server
+        && let Err(error) = store::record_mcp_server(&state.db, droplet.as_uuid(), deployment, server).await
+    {
+        tracing::warn!(%error, "could not record an MCP server's tools");
+    }
     match recorded {
         Ok(true) => {}
         Ok(false) => tracing::debug!(%deployment, "report about an unknown deployment ignored"),

@@ -686,3 +686,61 @@ pub async fn container_status(db: &PgPool, deployment: Uuid) -> sqlx::Result<Opt
         .fetch_optional(db)
         .await
 }
+
+/// Replaces what is known of a deployment's MCP server and its tools.
+pub async fn record_mcp_server(
+    db: &PgPool,
+    droplet: Uuid,
+    deployment: Uuid,
+    server: &flotilla::proto::McpServer,
+) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    let done = sqlx::query(
+        "INSERT INTO mcp_servers (deployment_id, name, version)
+         SELECT id, $3, $4 FROM deployments WHERE id = $1 AND droplet_id = $2
+         ON CONFLICT (deployment_id) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version, discovered_at = now()",
+    )
+    .bind(deployment)
+    .bind(droplet)
+    .bind(&server.name)
+    .bind(&server.version)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM mcp_tools WHERE deployment_id = $1").bind(deployment).execute(&mut *tx).await?;
+    for tool in &server.tools {
+        let schema: serde_json::Value =
+            serde_json::from_str(&tool.input_schema_json).unwrap_or(serde_json::Value::Null);
+        sqlx::query("INSERT INTO mcp_tools (deployment_id, name, description, input_schema) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+            .bind(deployment)
+            .bind(&tool.name)
+            .bind(&tool.description)
+            .bind(sqlx::types::Json(schema))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// The deployment's MCP server (name, version, discovered at) and its tools, by name.
+#[allow(clippy::type_complexity)]
+pub async fn mcp_tools(
+    db: &PgPool,
+    deployment: Uuid,
+) -> sqlx::Result<Option<((String, String, DateTime<Utc>), Vec<(String, String, sqlx::types::Json<serde_json::Value>)>)>>
+{
+    let server: Option<(String, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT name, version, discovered_at FROM mcp_servers WHERE deployment_id = $1")
+            .bind(deployment)
+            .fetch_optional(db)
+            .await?;
+    let Some(server) = server else { return Ok(None) };
+    let tools =
+        sqlx::query_as("SELECT name, description, input_schema FROM mcp_tools WHERE deployment_id = $1 ORDER BY name")
+            .bind(deployment)
+            .fetch_all(db)
+            .await?;
+    Ok(Some((server, tools)))
+}

@@ -1,0 +1,294 @@
+//! Health that tells the truth: the image's Docker `HEALTHCHECK`, an HTTP probe, or an
+//! MCP probe that speaks MCP (`initialize`, then `tools/list` over streamable HTTP, with the
+//! official Rust SDK) and is healthy only when the server answers.
+//!
+//! The probe's settings travel with the container as `dev.flotilla.probe.*` labels, so an
+//! agent that restarts picks them up again from the engine. Probes reach containers at
+//! their address on the per-droplet network, so no port needs publishing.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use flotilla::{
+    proto::{ContainerEvent, ContainerStatus, Health, HealthStatus, McpServer, McpTool, agent_message},
+    spec::{DeploymentSpec, Probe},
+};
+use rmcp::{ServiceExt as _, model::ClientInfo, transport::StreamableHttpClientTransport};
+use tokio::task::JoinHandle;
+
+use crate::{link::Wire, runtime::Runtime};
+
+const PROBE: &str = "dev.flotilla.probe";
+const PORT: &str = "dev.flotilla.probe.port";
+const PATH: &str = "dev.flotilla.probe.path";
+const STATUS: &str = "dev.flotilla.probe.status";
+const INTERVAL: &str = "dev.flotilla.probe.interval-ms";
+const TIMEOUT: &str = "dev.flotilla.probe.timeout-ms";
+const THRESHOLD: &str = "dev.flotilla.probe.threshold";
+const START_PERIOD: &str = "dev.flotilla.probe.start-period-ms";
+
+/// How a container is probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Docker,
+    Http { port: u16, path: String, min: u16, max: u16 },
+    Mcp { port: u16, path: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub kind: Kind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub threshold: u32,
+    pub start_period: Duration,
+}
+
+impl ProbeSpec {
+    /// The labels that carry a spec's health check, if it has one.
+    pub fn labels(spec: &DeploymentSpec) -> Vec<(String, String)> {
+        let Some(health) = &spec.health else { return Vec::new() };
+        let ms = |d: Duration| d.as_millis().to_string();
+        let mut labels = vec![
+            (INTERVAL.to_owned(), ms(health.interval)),
+            (TIMEOUT.to_owned(), ms(health.timeout)),
+            (THRESHOLD.to_owned(), health.failure_threshold.to_string()),
+            (START_PERIOD.to_owned(), ms(health.start_period)),
+        ];
+        match &health.probe {
+            Probe::Docker => labels.push((PROBE.to_owned(), "docker".into())),
+            Probe::Http { port, path, status_min, status_max } => labels.extend([
+                (PROBE.to_owned(), "http".into()),
+                (PORT.to_owned(), port.to_string()),
+                (PATH.to_owned(), path.clone()),
+                (STATUS.to_owned(), format!("{status_min}-{status_max}")),
+            ]),
+            Probe::Mcp => {
+                let (port, path) = spec.mcp.as_ref().map(|m| (m.port, m.path.clone())).unwrap_or((0, "/mcp".into()));
+                labels.extend([
+                    (PROBE.to_owned(), "mcp".into()),
+                    (PORT.to_owned(), port.to_string()),
+                    (PATH.to_owned(), path),
+                ]);
+            }
+        }
+        labels
+    }
+
+    pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
+        let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
+        let port = number(PORT).and_then(|p| u16::try_from(p).ok());
+        let path = labels.get(PATH).cloned().unwrap_or_else(|| "/".into());
+        let kind = match labels.get(PROBE)?.as_str() {
+            "docker" => Kind::Docker,
+            "http" => {
+                let (min, max) = labels
+                    .get(STATUS)
+                    .and_then(|s| s.split_once('-'))
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                    .unwrap_or((200, 399));
+                Kind::Http { port: port?, path, min, max }
+            }
+            "mcp" => Kind::Mcp { port: port?, path },
+            _ => return None,
+        };
+        Some(Self {
+            kind,
+            interval: Duration::from_millis(number(INTERVAL).unwrap_or(10_000)),
+            timeout: Duration::from_millis(number(TIMEOUT).unwrap_or(5_000)),
+            threshold: number(THRESHOLD).and_then(|t| u32::try_from(t).ok()).unwrap_or(3).max(1),
+            start_period: Duration::from_millis(number(START_PERIOD).unwrap_or(0)),
+        })
+    }
+}
+
+/// What one probe found.
+#[derive(Debug)]
+pub struct Outcome {
+    pub ok: bool,
+    pub detail: String,
+    pub latency: Duration,
+    pub server: Option<McpServer>,
+}
+
+/// Speaks MCP to `url`: `initialize`, then `tools/list`. Healthy only if both answer.
+pub async fn probe_mcp(url: &str, timeout: Duration) -> Result<McpServer, String> {
+    let work = async {
+        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+        let client = ClientInfo::default().serve(transport).await.map_err(|e| format!("initialize failed: {e}"))?;
+        let (name, version) = client
+            .peer_info()
+            .map(|info| (info.server_info.name.clone(), info.server_info.version.clone()))
+            .unwrap_or_default();
+        let tools = client.list_all_tools().await.map_err(|e| format!("tools/list failed: {e}"));
+        let _ = client.cancel().await;
+        let tools = tools?
+            .into_iter()
+            .map(|tool| McpTool {
+                name: tool.name.to_string(),
+                description: tool.description.map(|d| d.to_string()).unwrap_or_default(),
+                input_schema_json: serde_json::to_string(tool.input_schema.as_ref()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(McpServer { name, version, tools })
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+async fn probe_http(url: &str, min: u16, max: u16, timeout: Duration) -> Result<String, String> {
+    let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+    let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let status = response.status().as_u16();
+    if (min..=max).contains(&status) {
+        Ok(format!("GET {url} answered {status}"))
+    } else {
+        Err(format!("GET {url} answered {status}, expected {min}-{max}"))
+    }
+}
+
+pub async fn probe(spec: &ProbeSpec, address: Option<&str>, docker_health: Option<Health>) -> Outcome {
+    let started = Instant::now();
+    let result: Result<(String, Option<McpServer>), String> = match (&spec.kind, address) {
+        (Kind::Docker, _) => match docker_health {
+            Some(Health::Healthy) => Ok(("the image's HEALTHCHECK passes".into(), None)),
+            Some(Health::Starting) => Err("the image's HEALTHCHECK is starting".into()),
+            Some(_) => Err("the image's HEALTHCHECK fails".into()),
+            None => Err("the image has no HEALTHCHECK".into()),
+        },
+        (_, None) => Err("the container has no address on the droplet network".into()),
+        (Kind::Http { port, path, min, max }, Some(ip)) => {
+            probe_http(&format!("http://{ip}:{port}{path}"), *min, *max, spec.timeout).await.map(|d| (d, None))
+        }
+        (Kind::Mcp { port, path }, Some(ip)) => {
+            probe_mcp(&format!("http://{ip}:{port}{path}"), spec.timeout).await.map(|server| {
+                let names: Vec<&str> = server.tools.iter().map(|t| t.name.as_str()).collect();
+                (
+                    format!(
+                        "MCP server {} {} answered tools/list with {} tools: {}",
+                        server.name,
+                        server.version,
+                        names.len(),
+                        names.join(", ")
+                    ),
+                    Some(server),
+                )
+            })
+        }
+    };
+    let latency = started.elapsed();
+    match result {
+        Ok((detail, server)) => Outcome { ok: true, detail, latency, server },
+        Err(detail) => Outcome { ok: false, detail, latency, server: None },
+    }
+}
+
+/// One container's probe state.
+#[derive(Clone)]
+struct Tracked {
+    /// The container's start: a restart begins its probing (and tool discovery) anew.
+    started_at: Option<prost_types::Timestamp>,
+    next_due: Instant,
+    started: Instant,
+    failures: u32,
+    health: Health,
+    server: Option<McpServer>,
+}
+
+/// Probes every running managed container that has a health check, and reports each
+/// change of health (or of its tools) as a `ContainerEvent`.
+pub(crate) struct Monitor {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Monitor {
+    pub(crate) fn start(runtime: Runtime, wire: Wire) -> Self {
+        let task = tokio::spawn(async move {
+            let mut tracked: HashMap<String, Tracked> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let targets = match runtime.probe_targets().await {
+                    Ok(targets) => targets,
+                    Err(error) => {
+                        tracing::debug!("cannot list probe targets: {error}");
+                        continue;
+                    }
+                };
+                tracked.retain(|id, _| targets.iter().any(|t| &t.container_id == id));
+                for target in targets {
+                    let now = Instant::now();
+                    let fresh = Tracked {
+                        started_at: target.status.started_at,
+                        next_due: now,
+                        started: now,
+                        failures: 0,
+                        health: Health::Starting,
+                        server: None,
+                    };
+                    let state = tracked.entry(target.container_id.clone()).or_insert_with(|| fresh.clone());
+                    if state.started_at != target.status.started_at {
+                        *state = fresh;
+                    }
+                    if now < state.next_due {
+                        continue;
+                    }
+                    let outcome = probe(&target.probe, target.address.as_deref(), target.docker_health).await;
+                    state.next_due = Instant::now() + target.probe.interval;
+                    let before = (state.health, state.server.clone());
+                    if outcome.ok {
+                        state.failures = 0;
+                        state.health = Health::Healthy;
+                        state.server = outcome.server;
+                    } else if state.started.elapsed() >= target.probe.start_period {
+                        state.failures += 1;
+                        if state.failures >= target.probe.threshold {
+                            state.health = Health::Unhealthy;
+                        }
+                    }
+                    if (state.health, state.server.clone()) == before {
+                        continue;
+                    }
+                    let mut container = target.status;
+                    container.health = Some(HealthStatus {
+                        health: state.health as i32,
+                        detail: outcome.detail,
+                        latency: prost_types::Duration::try_from(outcome.latency).ok(),
+                        checked_at: Some(std::time::SystemTime::now().into()),
+                        consecutive_failures: state.failures,
+                    });
+                    container.mcp_server = state.server.clone();
+                    tracing::info!(deployment_id = %container.deployment_id, health = ?state.health, "health changed");
+                    let event = ContainerEvent {
+                        container: Some(container),
+                        action: "health_status".into(),
+                        exit_code: None,
+                        at: Some(std::time::SystemTime::now().into()),
+                        detail: String::new(),
+                    };
+                    if wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { task }
+    }
+}
+
+/// A running container to probe.
+pub struct Target {
+    pub container_id: String,
+    pub probe: ProbeSpec,
+    pub address: Option<String>,
+    pub docker_health: Option<Health>,
+    pub status: ContainerStatus,
+}
