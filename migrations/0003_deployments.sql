@@ -9,6 +9,9 @@ CREATE TABLE deployments (
     desired_state  text NOT NULL CHECK (desired_state IN ('running', 'stopped', 'removed')),
     spec_sealed    bytea NOT NULL,
     last_error     text NOT NULL DEFAULT '',
+    -- The agent gave up on it (crash-looping past its restart cap) until its spec changes
+    -- or a restart is asked for.
+    failed         boolean NOT NULL DEFAULT false,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now()
 );

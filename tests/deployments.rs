@@ -9,8 +9,8 @@ use flotilla::{
     DropletId,
     proto::{
         ContainerState, CreateDeploymentRequest, Deployment, DeploymentSpec, DropletStatus, EnvVar,
-        GetDeploymentRequest, Health, HealthCheck, HttpProbe, ListToolsRequest, McpEndpoint,
-        deployment_spec::PullPolicy, health_check,
+        GetDeploymentRequest, Health, HealthCheck, HttpProbe, ListToolsRequest, McpEndpoint, RestartPolicy,
+        deployment_spec::PullPolicy, health_check, restart_policy,
     },
 };
 use helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
@@ -232,6 +232,40 @@ async fn a_health_endpoint_switched_to_failing_turns_the_deployment_unhealthy() 
     let health = deployment(&cp, &healthy.id).await?.container.and_then(|c| c.health).unwrap_or_default();
     assert!(health.detail.contains("503"), "{}", health.detail);
     assert!(health.consecutive_failures >= 2);
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_container_is_capped_reported_and_left_stopped() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
+
+    let mut spec = test_server_spec();
+    spec.env.push(EnvVar { name: "EXIT_AFTER_MS".into(), value: "200".into(), secret: false });
+    spec.env.push(EnvVar { name: "EXIT_CODE".into(), value: "3".into(), secret: false });
+    spec.restart_policy = Some(RestartPolicy { mode: restart_policy::Mode::OnFailure as i32, max_retries: 2 });
+    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+
+    wait_for("the deployment to be failed", Duration::from_secs(60), || async {
+        Ok(deployment(&cp, &created.id).await?.failed)
+    })
+    .await?;
+    let failed = deployment(&cp, &created.id).await?;
+    let container = failed.container.clone().unwrap_or_default();
+    assert_eq!(container.state(), ContainerState::CrashLooping);
+    assert_eq!(container.restart_count, 2, "capped at the policy's retries");
+    assert_eq!(container.exit_code, Some(3));
+    assert!(failed.last_error.contains("exited with code 3"), "{}", failed.last_error);
+    // Left stopped: the engine does not restart it again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(docker_inspect(&container.container_id, "{{.State.Status}} {{.RestartCount}}")?, "exited 2");
     agent.stop().await?;
     cp.stop().await?;
     Ok(())

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod docker;
 pub mod enroll;
+mod events;
 mod executor;
 pub mod health;
 pub mod host;

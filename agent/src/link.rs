@@ -270,6 +270,10 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     pub(crate) async fn send(&self, kind: agent_message::Kind) -> anyhow::Result<()> {
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         self.tx.send(AgentMessage { seq, kind: Some(kind) }).await.context("the session's outbound stream closed")
@@ -391,6 +395,11 @@ impl Agent {
         let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
         let executor = Executor::start(self.runtime(), wire.clone());
         let _monitor = self.runtime().ok().map(|runtime| crate::health::Monitor::start(runtime, wire.clone()));
+        let _events = self
+            .runtime()
+            .ok()
+            .zip(self.engine.docker().ok())
+            .map(|(runtime, docker)| crate::events::Follower::start(docker, runtime, wire.clone()));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ended::Shutdown,

@@ -110,6 +110,7 @@ fn to_proto(
         created_at: Some(crate::api::timestamp(row.created_at)),
         updated_at: Some(crate::api::timestamp(row.updated_at)),
         last_error: row.last_error,
+        failed: row.failed,
     })
 }
 
@@ -122,6 +123,21 @@ pub fn mask(mut spec: proto::DeploymentSpec) -> proto::DeploymentSpec {
         auth.password = "***".into();
     }
     spec
+}
+
+/// A container event: its state is stored; a crash loop marks the deployment failed.
+pub async fn event(state: &State, droplet: DropletId, event: &proto::ContainerEvent) {
+    let Some(container) = &event.container else { return };
+    observe(state, droplet, container).await;
+    if container.state() == proto::ContainerState::CrashLooping
+        && let Ok(deployment) = Uuid::try_parse(&container.deployment_id)
+    {
+        tracing::warn!(%deployment, "deployment failed: {}", event.detail);
+        let why = format!("crash-looping: {}", event.detail);
+        if let Err(error) = store::mark_deployment_failed(&state.db, deployment, droplet.as_uuid(), &why).await {
+            tracing::warn!(%error, "could not record a failed deployment");
+        }
+    }
 }
 
 /// What a droplet reported of a container: stored against the deployment, if it is that

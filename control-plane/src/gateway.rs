@@ -299,11 +299,7 @@ impl Session {
                     }
                 }
             }
-            Some(agent_message::Kind::ContainerEvent(event)) => {
-                if let Some(container) = &event.container {
-                    deployments::observe(&self.state, droplet, container).await;
-                }
-            }
+            Some(agent_message::Kind::ContainerEvent(event)) => deployments::event(&self.state, droplet, &event).await,
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("ignored a second Hello in one session");
             }

@@ -614,8 +614,22 @@ pub struct DeploymentRow {
     pub desired_state: String,
     pub spec_sealed: Vec<u8>,
     pub last_error: String,
+    pub failed: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// The droplet gave up on a deployment (crash-looping past its cap).
+pub async fn mark_deployment_failed(db: &PgPool, id: Uuid, droplet: Uuid, why: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE deployments SET failed = true, last_error = $3, updated_at = now() WHERE id = $1 AND droplet_id = $2",
+    )
+    .bind(id)
+    .bind(droplet)
+    .bind(why)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Stores a new deployment at generation 1. `None` if the droplet does not exist.
