@@ -43,3 +43,16 @@ CREATE TABLE mcp_tools (
     input_schema   jsonb NOT NULL,
     PRIMARY KEY (deployment_id, name)
 );
+
+-- Append-only record of what happened, with why.
+CREATE TABLE events (
+    id             bigserial PRIMARY KEY,
+    at             timestamptz NOT NULL DEFAULT now(),
+    account        text NOT NULL REFERENCES accounts (name),
+    droplet_id     uuid,
+    deployment_id  uuid,
+    kind           text NOT NULL,
+    message        text NOT NULL DEFAULT ''
+);
+
+CREATE INDEX events_deployment ON events (deployment_id, id);

@@ -197,7 +197,7 @@ async fn an_mcp_server_turns_healthy_only_by_answering_mcp_and_its_tools_are_sto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_health_endpoint_switched_to_failing_turns_the_deployment_unhealthy() -> anyhow::Result<()> {
+async fn a_health_endpoint_switched_to_failing_gets_the_container_restarted_with_the_reason() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = DropletId::new();
@@ -224,14 +224,29 @@ async fn a_health_endpoint_switched_to_failing_turns_the_deployment_unhealthy() 
         .output()?;
     anyhow::ensure!(out.status.success(), "switching the health endpoint: {}", String::from_utf8_lossy(&out.stderr));
 
-    wait_for("the deployment to be unhealthy", WITHIN, || async {
-        let d = deployment(&cp, &healthy.id).await?;
-        Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Unhealthy))
+    // The agent sees it fail twice, then restarts it, and says why.
+    wait_for("a restart for failed health", WITHIN, || async {
+        let restarts: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE kind = 'container.restart' AND message LIKE '%answered 503%failed 2 times%'
+                OR kind = 'container.restart' AND message LIKE '%failed 2 times%answered 503%'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        Ok(restarts >= 1)
     })
     .await?;
-    let health = deployment(&cp, &healthy.id).await?.container.and_then(|c| c.health).unwrap_or_default();
-    assert!(health.detail.contains("503"), "{}", health.detail);
-    assert!(health.consecutive_failures >= 2);
+
+    // Self-healing: the agent restarts it, and the fresh process answers again.
+    wait_for("the restarted container to be healthy", WITHIN, || async {
+        let d = deployment(&cp, &healthy.id).await?;
+        Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Healthy))
+    })
+    .await?;
+    let restarted = docker_inspect(&container.container_id, "{{.State.StartedAt}}")?;
+    let first_start = container.started_at.map(|t| t.seconds).unwrap_or_default();
+    let restarted_at = chrono::DateTime::parse_from_rfc3339(&restarted)?.timestamp();
+    assert!(restarted_at > first_start, "the container was restarted");
+    assert!(!deployment(&cp, &healthy.id).await?.failed);
     agent.stop().await?;
     cp.stop().await?;
     Ok(())
@@ -266,6 +281,43 @@ async fn a_crash_looping_container_is_capped_reported_and_left_stopped() -> anyh
     // Left stopped: the engine does not restart it again.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(docker_inspect(&container.container_id, "{{.State.Status}} {{.RestartCount}}")?, "exited 2");
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_stays_unhealthy_is_restarted_up_to_its_cap_then_left_stopped() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = cp.agent(droplet).await?;
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
+
+    let mut spec = test_server_spec();
+    spec.restart_policy = Some(RestartPolicy { mode: restart_policy::Mode::OnFailure as i32, max_retries: 1 });
+    spec.health_check = Some(HealthCheck {
+        // A path the server does not have: never healthy.
+        probe: Some(health_check::Probe::Http(HttpProbe { port: 8080, path: "/nope".into(), ..Default::default() })),
+        interval: seconds(1),
+        timeout: seconds(1),
+        failure_threshold: 2,
+        ..Default::default()
+    });
+    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    wait_for("the deployment to be given up on", Duration::from_secs(60), || async {
+        Ok(deployment(&cp, &created.id).await?.failed)
+    })
+    .await?;
+    let failed = deployment(&cp, &created.id).await?;
+    assert!(failed.last_error.contains("after 1 restarts"), "{}", failed.last_error);
+    let container = failed.container.unwrap_or_default();
+    wait_for("the container to be stopped", WITHIN, || async {
+        Ok(docker_inspect(&container.container_id, "{{.State.Status}}")? == "exited")
+    })
+    .await?;
     agent.stop().await?;
     cp.stop().await?;
     Ok(())

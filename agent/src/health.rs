@@ -28,6 +28,16 @@ const INTERVAL: &str = "dev.flotilla.probe.interval-ms";
 const TIMEOUT: &str = "dev.flotilla.probe.timeout-ms";
 const THRESHOLD: &str = "dev.flotilla.probe.threshold";
 const START_PERIOD: &str = "dev.flotilla.probe.start-period-ms";
+const MAX_RESTARTS: &str = "dev.flotilla.probe.max-restarts";
+
+/// Restarts for failed health, before a container is given up on, unless the spec's
+/// `on-failure` policy sets its own cap.
+const DEFAULT_MAX_RESTARTS: u32 = 5;
+/// The wait before the first restart for failed health; it doubles per restart.
+const HEAL_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_HEAL_BACKOFF: Duration = Duration::from_secs(300);
+/// Healthy this long, a container's restart count starts over.
+const HEALTHY_RESETS_AFTER: Duration = Duration::from_secs(300);
 
 /// How a container is probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +54,30 @@ pub struct ProbeSpec {
     pub timeout: Duration,
     pub threshold: u32,
     pub start_period: Duration,
+    /// Restarts for failed health before the container is stopped and reported
+    /// crash-looping.
+    pub max_restarts: u32,
+}
+
+fn max_restarts(spec: &DeploymentSpec) -> u32 {
+    match spec.restart {
+        flotilla::spec::RestartMode::OnFailure { max_retries } => max_retries,
+        _ => DEFAULT_MAX_RESTARTS,
+    }
+}
+
+/// The wait after the `n`th restart before another: 1 s, 2 s, 4 s, ... at most 5 min.
+pub fn heal_backoff(n: u32) -> Duration {
+    HEAL_BACKOFF.saturating_mul(1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX)).min(MAX_HEAL_BACKOFF)
+}
+
+/// Self-healing state of one container, kept across its restarts.
+#[derive(Default)]
+struct Healing {
+    restarts: u32,
+    next_allowed: Option<Instant>,
+    healthy_since: Option<Instant>,
+    given_up: bool,
 }
 
 impl ProbeSpec {
@@ -56,6 +90,7 @@ impl ProbeSpec {
             (TIMEOUT.to_owned(), ms(health.timeout)),
             (THRESHOLD.to_owned(), health.failure_threshold.to_string()),
             (START_PERIOD.to_owned(), ms(health.start_period)),
+            (MAX_RESTARTS.to_owned(), max_restarts(spec).to_string()),
         ];
         match &health.probe {
             Probe::Docker => labels.push((PROBE.to_owned(), "docker".into())),
@@ -78,6 +113,7 @@ impl ProbeSpec {
     }
 
     pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
+        let max_restarts = labels.get(MAX_RESTARTS).and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_RESTARTS);
         let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
         let port = number(PORT).and_then(|p| u16::try_from(p).ok());
         let path = labels.get(PATH).cloned().unwrap_or_else(|| "/".into());
@@ -100,6 +136,7 @@ impl ProbeSpec {
             timeout: Duration::from_millis(number(TIMEOUT).unwrap_or(5_000)),
             threshold: number(THRESHOLD).and_then(|t| u32::try_from(t).ok()).unwrap_or(3).max(1),
             start_period: Duration::from_millis(number(START_PERIOD).unwrap_or(0)),
+            max_restarts,
         })
     }
 }
@@ -212,6 +249,7 @@ impl Monitor {
     pub(crate) fn start(runtime: Runtime, wire: Wire) -> Self {
         let task = tokio::spawn(async move {
             let mut tracked: HashMap<String, Tracked> = HashMap::new();
+            let mut healing: HashMap<String, Healing> = HashMap::new();
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -224,6 +262,7 @@ impl Monitor {
                     }
                 };
                 tracked.retain(|id, _| targets.iter().any(|t| &t.container_id == id));
+                healing.retain(|id, h| h.given_up || targets.iter().any(|t| &t.container_id == id));
                 for target in targets {
                     let now = Instant::now();
                     let fresh = Tracked {
@@ -252,6 +291,71 @@ impl Monitor {
                         state.failures += 1;
                         if state.failures >= target.probe.threshold {
                             state.health = Health::Unhealthy;
+                        }
+                    }
+                    let heal = healing.entry(target.container_id.clone()).or_default();
+                    if outcome.ok {
+                        let since = *heal.healthy_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= HEALTHY_RESETS_AFTER {
+                            heal.restarts = 0;
+                        }
+                    } else {
+                        heal.healthy_since = None;
+                    }
+                    if state.health == Health::Unhealthy && !heal.given_up {
+                        let deployment = target.status.deployment_id.parse::<uuid::Uuid>().ok();
+                        let why =
+                            format!("the health probe failed {} times in a row: {}", state.failures, outcome.detail);
+                        let (action, detail) = if heal.restarts >= target.probe.max_restarts {
+                            heal.given_up = true;
+                            if let Some(deployment) = deployment
+                                && let Err(error) = runtime.stop(deployment, Duration::from_secs(10)).await
+                            {
+                                tracing::warn!("could not stop a container that keeps failing: {error}");
+                            }
+                            (
+                                "crash_loop",
+                                format!("{why}; still unhealthy after {} restarts, left stopped", heal.restarts),
+                            )
+                        } else if heal.next_allowed.is_none_or(|at| Instant::now() >= at) {
+                            heal.restarts += 1;
+                            heal.next_allowed = Some(Instant::now() + heal_backoff(heal.restarts));
+                            if let Some(deployment) = deployment
+                                && let Err(error) = runtime.restart(deployment, Duration::from_secs(10)).await
+                            {
+                                tracing::warn!("could not restart an unhealthy container: {error}");
+                            }
+                            ("restart", format!("{why}; restart {} of {}", heal.restarts, target.probe.max_restarts))
+                        } else {
+                            ("", String::new())
+                        };
+                        if !action.is_empty() {
+                            tracing::warn!(deployment_id = %target.status.deployment_id, "{detail}");
+                            let mut container = match deployment {
+                                Some(d) => runtime.status(d).await.unwrap_or_else(|_| target.status.clone()),
+                                None => target.status.clone(),
+                            };
+                            if action == "crash_loop" {
+                                container.state = flotilla::proto::ContainerState::CrashLooping as i32;
+                            }
+                            container.health = Some(HealthStatus {
+                                health: Health::Unhealthy as i32,
+                                detail: outcome.detail.clone(),
+                                latency: prost_types::Duration::try_from(outcome.latency).ok(),
+                                checked_at: Some(std::time::SystemTime::now().into()),
+                                consecutive_failures: state.failures,
+                            });
+                            let event = ContainerEvent {
+                                container: Some(container),
+                                action: action.into(),
+                                exit_code: None,
+                                at: Some(std::time::SystemTime::now().into()),
+                                detail,
+                            };
+                            if wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                     }
                     if (state.health, state.server.clone()) == before {
@@ -291,4 +395,43 @@ pub struct Target {
     pub address: Option<String>,
     pub docker_health: Option<Health>,
     pub status: ContainerStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla::proto;
+
+    #[test]
+    fn healing_waits_longer_after_each_restart_up_to_five_minutes() {
+        let waits: Vec<u64> = (1..=12).map(|n| heal_backoff(n).as_secs()).collect();
+        assert_eq!(&waits[..5], &[2, 4, 8, 16, 32]);
+        assert!(waits.iter().all(|w| *w <= 300));
+        assert_eq!(heal_backoff(u32::MAX).as_secs(), 300);
+    }
+
+    #[test]
+    fn probe_settings_survive_the_trip_through_container_labels() -> Result<(), flotilla::spec::SpecError> {
+        let spec = DeploymentSpec::try_from(proto::DeploymentSpec {
+            image: "x".into(),
+            mcp: Some(proto::McpEndpoint { port: 9000, path: "/rpc".into() }),
+            restart_policy: Some(proto::RestartPolicy {
+                mode: proto::restart_policy::Mode::OnFailure as i32,
+                max_retries: 7,
+            }),
+            health_check: Some(proto::HealthCheck {
+                probe: Some(proto::health_check::Probe::Mcp(Default::default())),
+                failure_threshold: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })?;
+        let labels: HashMap<String, String> = ProbeSpec::labels(&spec).into_iter().collect();
+        let probe = ProbeSpec::from_labels(&labels).expect("a probe");
+        assert_eq!(probe.kind, Kind::Mcp { port: 9000, path: "/rpc".into() });
+        assert_eq!((probe.threshold, probe.max_restarts), (4, 7));
+        assert_eq!(probe.interval, Duration::from_secs(10));
+        assert!(ProbeSpec::from_labels(&HashMap::new()).is_none(), "no labels, no probe");
+        Ok(())
+    }
 }

@@ -129,6 +129,18 @@ pub fn mask(mut spec: proto::DeploymentSpec) -> proto::DeploymentSpec {
 pub async fn event(state: &State, droplet: DropletId, event: &proto::ContainerEvent) {
     let Some(container) = &event.container else { return };
     observe(state, droplet, container).await;
+    if let Ok(deployment) = Uuid::try_parse(&container.deployment_id) {
+        let kind = format!("container.{}", event.action);
+        let message = match event.exit_code {
+            Some(code) if event.detail.is_empty() => format!("exit code {code}"),
+            _ => event.detail.clone(),
+        };
+        if let Err(error) =
+            store::record_deployment_event(&state.db, droplet.as_uuid(), deployment, &kind, &message).await
+        {
+            tracing::warn!(%error, "could not record an event");
+        }
+    }
     if container.state() == proto::ContainerState::CrashLooping
         && let Ok(deployment) = Uuid::try_parse(&container.deployment_id)
     {

@@ -758,3 +758,25 @@ pub async fn mcp_tools(
             .await?;
     Ok(Some((server, tools)))
 }
+
+/// Appends an event about one of a droplet's deployments (attributed to that droplet's
+/// account; ignored for deployments of other droplets).
+pub async fn record_deployment_event(
+    db: &PgPool,
+    droplet: Uuid,
+    deployment: Uuid,
+    kind: &str,
+    message: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO events (account, droplet_id, deployment_id, kind, message)
+         SELECT account, droplet_id, id, $3, $4 FROM deployments WHERE id = $1 AND droplet_id = $2",
+    )
+    .bind(deployment)
+    .bind(droplet)
+    .bind(kind)
+    .bind(message)
+    .execute(db)
+    .await?;
+    Ok(())
+}
