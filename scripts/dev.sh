@@ -15,6 +15,8 @@ mkdir -p "$DEV/control-plane" "$DEV/agent"
 
 echo "dev: building" >&2
 cargo build --locked -q -p flotilla-control-plane -p flotilla-agent
+# The test MCP server image the printed examples deploy (built here: nothing is pulled).
+scripts/images.sh
 BIN=target/debug
 
 PIDS=()
@@ -69,6 +71,9 @@ dev: the stack is up. Droplet $DROPLET is connecting over mTLS.
   grpcurl -plaintext $API_LISTEN list
   grpcurl -plaintext -d '{}' $API_LISTEN flotilla.v1.Fleet/ListDroplets
   grpcurl -plaintext -d '{"id": "$DROPLET"}' $API_LISTEN flotilla.v1.Fleet/GetDroplet
+  grpcurl -plaintext -d '{"droplet_id": "$DROPLET", "name": "echo", "spec": {"image": "flotilla-test/mcp-server:latest", "pull_policy": "PULL_POLICY_NEVER", "env": [{"name": "PORT", "value": "8080"}], "mcp": {"port": 8080, "path": "/mcp"}, "health_check": {"mcp": {}, "interval": "2s"}}}' $API_LISTEN flotilla.v1.Fleet/CreateDeployment
+  grpcurl -plaintext -d '{"id": "<deployment id>"}' $API_LISTEN flotilla.v1.Fleet/GetDeployment
+  grpcurl -plaintext -d '{"deployment_id": "<deployment id>"}' $API_LISTEN flotilla.v1.Fleet/ListTools
 Ctrl-C stops everything.
 
 TXT
