@@ -489,10 +489,11 @@ impl TryFrom<proto::DeploymentSpec> for DeploymentSpec {
                 second,
                 Duration::from_secs(3600),
             );
+            // Unset, the timeout is 5 s or the interval, whichever is shorter.
             let timeout = check.duration(
                 "health_check.timeout",
                 h.timeout,
-                Duration::from_secs(5),
+                Duration::from_secs(5).min(interval),
                 Duration::from_millis(100),
                 Duration::from_secs(300),
             );
@@ -623,6 +624,20 @@ mod tests {
         assert_eq!(spec.restart, RestartMode::OnFailure { max_retries: 5 });
         assert_eq!(spec.pull_policy, PullPolicy::IfNotPresent);
         assert_eq!(spec.health.map(|h| (h.interval, h.failure_threshold)), Some((Duration::from_secs(10), 3)));
+        let short = DeploymentSpec::try_from(P {
+            mcp: Some(PMcp { port: 8080, path: String::new() }),
+            health_check: Some(PHealth {
+                probe: Some(health_check::Probe::Mcp(Default::default())),
+                interval: prost_types::Duration::try_from(Duration::from_secs(2)).ok(),
+                ..Default::default()
+            }),
+            ..base()
+        })?;
+        assert_eq!(
+            short.health.map(|h| h.timeout),
+            Some(Duration::from_secs(2)),
+            "the default timeout fits the interval"
+        );
         Ok(())
     }
 
