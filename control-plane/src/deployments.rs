@@ -157,6 +157,19 @@ pub async fn event(state: &State, droplet: DropletId, event: &proto::ContainerEv
 pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus) {
     let Ok(deployment) = Uuid::try_parse(&status.deployment_id) else { return };
     let generation = i64::try_from(status.generation).unwrap_or(i64::MAX);
+    // Reports from the engine's side (command results, Docker events) carry no probe
+    // result; they must not erase what the health monitor last said of the same container.
+    let mut status = status.clone();
+    if status.health.is_none() || status.mcp_server.is_none() {
+        let stored = store::container_status(&state.db, deployment).await.ok().flatten();
+        if let Some(stored) = stored.and_then(|b| ContainerStatus::decode(b.as_slice()).ok())
+            && stored.container_id == status.container_id
+        {
+            status.health = status.health.or(stored.health);
+            status.mcp_server = status.mcp_server.or(stored.mcp_server);
+        }
+    }
+    let status = &status;
     let recorded = store::record_container(
         &state.db,
         droplet.as_uuid(),
