@@ -8,77 +8,16 @@ use std::time::Duration;
 use flotilla::{
     DropletId,
     proto::{
-        ContainerState, CreateDeploymentRequest, Deployment, DeploymentSpec, DropletStatus, EnvVar,
-        GetDeploymentRequest, Health, HealthCheck, HttpProbe, ListToolsRequest, McpEndpoint, RestartPolicy,
-        deployment_spec::PullPolicy, health_check, restart_policy,
+        ContainerState, CreateDeploymentRequest, EnvVar, Health, HealthCheck, HttpProbe, ListToolsRequest,
+        RestartPolicy, health_check, restart_policy,
     },
 };
-use helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
+use helpers::{
+    TestControlPlane, TestDb,
+    deploy::{Online, WITHIN, deploy_and_wait_healthy, deployment, docker_inspect, seconds, test_server_spec},
+    fast_timing, wait_for,
+};
 use tonic::Code;
-
-const WITHIN: Duration = Duration::from_secs(60);
-const IMAGE: &str = "flotilla-test/mcp-server:latest";
-
-fn test_server_spec() -> DeploymentSpec {
-    DeploymentSpec {
-        image: IMAGE.into(),
-        pull_policy: PullPolicy::Never as i32,
-        env: vec![
-            EnvVar { name: "PORT".into(), value: "8080".into(), secret: false },
-            EnvVar { name: "API_TOKEN".into(), value: "s3cret-value".into(), secret: true },
-        ],
-        mcp: Some(McpEndpoint { port: 8080, path: "/mcp".into() }),
-        ..Default::default()
-    }
-}
-
-/// Removes a droplet's containers and network however the test ends.
-struct Cleanup(DropletId);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=dev.flotilla.droplet={}", self.0)])
-            .output();
-        if let Ok(out) = out {
-            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = std::process::Command::new("docker").args(["rm", "-f", "-v", id]).output();
-            }
-        }
-        let _ = std::process::Command::new("docker").args(["network", "rm", &format!("flotilla-{}", self.0)]).output();
-    }
-}
-
-/// A control plane and one connected droplet whose agent uses this machine's engine.
-struct Online {
-    db: TestDb,
-    cp: TestControlPlane,
-    droplet: DropletId,
-    agent: helpers::TestAgent,
-    _cleanup: Cleanup,
-}
-
-impl Online {
-    async fn start() -> anyhow::Result<Self> {
-        let db = TestDb::new().await?;
-        let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-        let droplet = DropletId::new();
-        let _cleanup = Cleanup(droplet);
-        let agent = cp.agent(droplet).await?;
-        cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
-        Ok(Self { db, cp, droplet, agent, _cleanup })
-    }
-}
-
-async fn deployment(cp: &TestControlPlane, id: &str) -> anyhow::Result<Deployment> {
-    Ok(cp.fleet().await?.get_deployment(GetDeploymentRequest { id: id.into() }).await?.into_inner())
-}
-
-fn docker_inspect(id: &str, format: &str) -> anyhow::Result<String> {
-    let out = std::process::Command::new("docker").args(["inspect", "-f", format, id]).output()?;
-    anyhow::ensure!(out.status.success(), "docker inspect: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyhow::Result<()> {
@@ -157,25 +96,6 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
     assert_eq!(cp.fleet().await?.create_deployment(request).await.expect_err("no droplet").code(), Code::NotFound);
     cp.stop().await?;
     Ok(())
-}
-
-async fn deploy_and_wait_healthy(
-    cp: &TestControlPlane,
-    droplet: DropletId,
-    spec: DeploymentSpec,
-) -> anyhow::Result<Deployment> {
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
-    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
-    wait_for("the deployment to be healthy", WITHIN, || async {
-        let d = deployment(cp, &created.id).await?;
-        Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Healthy))
-    })
-    .await?;
-    deployment(cp, &created.id).await
-}
-
-fn seconds(n: u64) -> Option<prost_types::Duration> {
-    prost_types::Duration::try_from(Duration::from_secs(n)).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

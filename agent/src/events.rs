@@ -90,7 +90,7 @@ async fn follow(docker: &Docker, runtime: &Runtime, wire: &Wire) {
                     generation: attributes.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
                     container_id: id.clone(),
                     name: attributes.get("name").cloned().unwrap_or_default(),
-                    state: ContainerState::Dead as i32,
+                    state: if action == "destroy" { ContainerState::Removed } else { ContainerState::Dead } as i32,
                     ..Default::default()
                 },
                 String::new(),

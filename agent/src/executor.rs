@@ -7,12 +7,16 @@
 
 use std::time::Duration;
 
-use flotilla::proto::{Command, CommandResult, ContainerStatus, RequestReply, agent_message, command};
+use flotilla::proto::{
+    Command, CommandResult, ContainerState, ContainerStatus, Health, HealthStatus, RequestReply, agent_message, command,
+};
 use tokio::{sync::mpsc, task::JoinHandle};
 use uuid::Uuid;
 
 use crate::{
+    health,
     link::Wire,
+    logs::LogStreams,
     runtime::{self, Runtime},
 };
 
@@ -23,11 +27,14 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub(crate) struct Executor {
     queue: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    runtime: Result<Runtime, String>,
+    logs: LogStreams,
 }
 
 impl Drop for Executor {
     fn drop(&mut self) {
-        // The session is over: whatever it was running is abandoned with it.
+        // The session is over: whatever it was running is abandoned with it (dropping
+        // `logs` ends the log streams).
         self.task.abort();
     }
 }
@@ -35,38 +42,50 @@ impl Drop for Executor {
 impl Executor {
     pub(crate) fn start(runtime: Result<Runtime, String>, wire: Wire) -> Self {
         let (queue, mut commands) = mpsc::channel::<Command>(QUEUE);
-        let task = tokio::spawn(async move {
-            while let Some(command) = commands.recv().await {
-                let id = command.id.clone();
-                let reply = execute(runtime.as_ref(), command).await;
-                if let Err(error) = wire.send(reply).await {
-                    tracing::debug!(command_id = %id, "could not report a result: {error:#}");
-                    return;
+        let task = {
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                while let Some(command) = commands.recv().await {
+                    let id = command.id.clone();
+                    let reply = execute(runtime.as_ref(), command).await;
+                    if let Err(error) = wire.send(reply).await {
+                        tracing::debug!(command_id = %id, "could not report a result: {error:#}");
+                        return;
+                    }
                 }
-            }
-        });
-        Self { queue, task }
+            })
+        };
+        Self { queue, task, runtime, logs: LogStreams::new() }
     }
 
-    /// Acknowledges a command and queues it.
+    /// Commands are acknowledged and queued: they run one at a time, in order. Requests
+    /// only read, so they run at once, beside the commands.
     pub(crate) async fn submit(&self, command: Command, wire: &Wire) {
-        let is_command = matches!(
-            command.kind,
-            Some(
-                command::Kind::Deploy(_)
-                    | command::Kind::Start(_)
-                    | command::Kind::Stop(_)
-                    | command::Kind::Restart(_)
-                    | command::Kind::Remove(_)
-            )
-        );
-        if is_command {
-            let ack = flotilla::proto::CommandAck { command_id: command.id.clone() };
-            let _ = wire.send(agent_message::Kind::CommandAck(ack)).await;
-        }
-        if let Err(mpsc::error::TrySendError::Full(command)) = self.queue.try_send(command) {
-            let reply = failed(&command.id, is_command, "the agent is busy: too many commands queued".into(), None);
-            let _ = wire.send(reply).await;
+        match command.kind {
+            Some(command::Kind::FetchLogs(fetch)) => match &self.runtime {
+                Ok(runtime) => self.logs.fetch(runtime.clone(), wire.clone(), command.id, fetch).await,
+                Err(why) => {
+                    let reply = failed(&command.id, false, format!("the Docker engine is unavailable: {why}"), None);
+                    let _ = wire.send(reply).await;
+                }
+            },
+            Some(command::Kind::CancelLogs(cancel)) => self.logs.cancel(wire, &cancel.request_id).await,
+            Some(command::Kind::Inspect(_) | command::Kind::CheckHealth(_)) => {
+                let runtime = self.runtime.clone();
+                let wire = wire.clone();
+                tokio::spawn(async move {
+                    let reply = execute(runtime.as_ref(), command).await;
+                    let _ = wire.send(reply).await;
+                });
+            }
+            _ => {
+                let ack = flotilla::proto::CommandAck { command_id: command.id.clone() };
+                let _ = wire.send(agent_message::Kind::CommandAck(ack)).await;
+                if let Err(mpsc::error::TrySendError::Full(command)) = self.queue.try_send(command) {
+                    let reply = failed(&command.id, true, "the agent is busy: too many commands queued".into(), None);
+                    let _ = wire.send(reply).await;
+                }
+            }
         }
     }
 }
@@ -142,9 +161,17 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
         },
         command::Kind::Remove(remove) => match deployment(&remove.deployment_id) {
             Err(e) => Err((e, None)),
-            Ok(d) => {
-                runtime.remove(d, remove.remove_volumes).await.map(|()| None).map_err(|e| (e.to_string(), Some(d)))
-            }
+            Ok(d) => runtime
+                .remove(d, remove.remove_volumes)
+                .await
+                .map(|()| {
+                    Some(ContainerStatus {
+                        deployment_id: d.to_string(),
+                        state: ContainerState::Removed as i32,
+                        ..Default::default()
+                    })
+                })
+                .map_err(|e| (e.to_string(), Some(d))),
         },
         command::Kind::Inspect(inspect) => match deployment(&inspect.deployment_id) {
             Err(e) => Err((e, None)),
@@ -152,10 +179,11 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
         },
         command::Kind::CheckHealth(check) => match deployment(&check.deployment_id) {
             Err(e) => Err((e, None)),
-            Ok(d) => runtime.status(d).await.map(Some).map_err(|e| (e.to_string(), Some(d))),
+            Ok(d) => return check_health(runtime, &id, d).await,
         },
+        // Served by `LogStreams`, never queued.
         command::Kind::FetchLogs(_) | command::Kind::CancelLogs(_) => {
-            Err(("log streaming is not available in this agent version".into(), None))
+            Err(("log requests are not commands".into(), None))
         }
     };
     let is_command = !matches!(
@@ -190,6 +218,46 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
             failed(&id, is_command, message, container)
         }
     }
+}
+
+/// Probes the deployment's container now, the way its health check says.
+async fn check_health(runtime: &Runtime, id: &str, deployment: Uuid) -> agent_message::Kind {
+    let reply = |success: bool, message: String, container: Option<ContainerStatus>, health: Option<HealthStatus>| {
+        agent_message::Kind::RequestReply(RequestReply {
+            request_id: id.to_owned(),
+            success,
+            message,
+            container,
+            health,
+        })
+    };
+    let status = match runtime.status(deployment).await {
+        Ok(status) => status,
+        Err(error) => return reply(false, error.to_string(), None, None),
+    };
+    if status.state() != ContainerState::Running {
+        let message = format!("the container is not running (it is {})", status.state().as_str_name());
+        return reply(false, message, Some(status), None);
+    }
+    let target = match runtime.probe_target(deployment).await {
+        Ok(Some(target)) => target,
+        Ok(None) => {
+            let message = "the deployment has no health check".to_owned();
+            return reply(false, message, Some(status), None);
+        }
+        Err(error) => return reply(false, error.to_string(), Some(status), None),
+    };
+    let outcome = health::probe(&target.probe, target.address.as_deref(), target.docker_health).await;
+    let health = HealthStatus {
+        health: if outcome.ok { Health::Healthy } else { Health::Unhealthy } as i32,
+        detail: outcome.detail,
+        latency: prost_types::Duration::try_from(outcome.latency).ok(),
+        checked_at: Some(std::time::SystemTime::now().into()),
+        consecutive_failures: u32::from(!outcome.ok),
+    };
+    let mut container = target.status;
+    container.mcp_server = outcome.server;
+    reply(true, String::new(), Some(container), Some(health))
 }
 
 fn kind_name(kind: &command::Kind) -> &'static str {

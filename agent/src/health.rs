@@ -273,9 +273,16 @@ impl Monitor {
                         health: Health::Starting,
                         server: None,
                     };
+                    let known = tracked.contains_key(&target.container_id);
                     let state = tracked.entry(target.container_id.clone()).or_insert_with(|| fresh.clone());
-                    if state.started_at != target.status.started_at {
+                    if !known || state.started_at != target.status.started_at {
                         *state = fresh;
+                        // A container this monitor gave up on was left stopped: whoever
+                        // started it again (a `Start` or `Restart` command) asked for a
+                        // fresh set of restarts.
+                        if healing.get(&target.container_id).is_some_and(|h| h.given_up) {
+                            healing.remove(&target.container_id);
+                        }
                     }
                     if now < state.next_due {
                         continue;

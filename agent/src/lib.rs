@@ -11,6 +11,7 @@ pub mod health;
 pub mod host;
 pub mod identity;
 pub mod link;
+mod logs;
 pub mod runtime;
 
 pub use link::{AgentConfig, Credentials, Enrollment, IdentitySource, run};

@@ -176,6 +176,38 @@ impl Runtime {
         Ok(targets)
     }
 
+    /// The probe target of a deployment's running container, if it has a health check.
+    pub async fn probe_target(&self, deployment: Uuid) -> Result<Option<crate::health::Target>, RuntimeError> {
+        let wanted = deployment.to_string();
+        Ok(self.probe_targets().await?.into_iter().find(|t| t.status.deployment_id == wanted))
+    }
+
+    /// The output of a deployment's newest container, each frame prefixed with Docker's
+    /// RFC 3339 timestamp.
+    pub async fn logs(
+        &self,
+        deployment: Uuid,
+        tail: u32,
+        since: Option<std::time::SystemTime>,
+        follow: bool,
+    ) -> Result<impl futures::Stream<Item = Result<bollard::container::LogOutput, DockerError>> + use<>, RuntimeError>
+    {
+        let id = self.newest(deployment).await?;
+        let tail = if tail == 0 { "all".to_owned() } else { tail.to_string() };
+        let since = since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i32::try_from(d.as_secs()).unwrap_or(i32::MAX));
+        let options = bollard::query_parameters::LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .follow(follow)
+            .tail(&tail)
+            .since(since)
+            .build();
+        Ok(self.docker.logs(&id, Some(options)))
+    }
+
     /// The status of a deployment's newest container.
     pub async fn status(&self, deployment: Uuid) -> Result<ContainerStatus, RuntimeError> {
         let (id, _, _) = self.managed(Some(deployment)).await?.pop().ok_or(RuntimeError::NotDeployed(deployment))?;
@@ -289,6 +321,8 @@ impl Runtime {
             port_bindings: Some(bindings),
             restart_policy: Some(restart_policy),
             memory: spec.resources.memory_bytes.and_then(|m| i64::try_from(m).ok()),
+            // The limit is the limit: no swap on top of it.
+            memory_swap: spec.resources.memory_bytes.and_then(|m| i64::try_from(m).ok()),
             nano_cpus: spec.resources.cpu_millis.map(|m| i64::from(m) * 1_000_000),
             mounts: Some(mounts),
             network_mode: Some(network.to_owned()),

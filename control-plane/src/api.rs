@@ -19,7 +19,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
-    deployments, enrollment,
+    deployments::{self, Verb},
+    enrollment, live,
     state::State,
     store::{self, DropletRow, DropletStatus},
 };
@@ -54,11 +55,29 @@ fn deployment_status(error: deployments::DeploymentError) -> Status {
     match error {
         E::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
         E::NoDroplet(_) | E::NotFound(_) => Status::not_found(error.to_string()),
+        E::Removed(_) => Status::failed_precondition(error.to_string()),
         E::Unreadable(_) => {
             tracing::error!(%error, "unreadable deployment");
             Status::internal("the deployment's stored spec cannot be read")
         }
         E::Database(error) => db_error(error),
+    }
+}
+
+/// A grace period from the API: at most an hour (Docker counts it in whole seconds).
+fn grace(grace: Option<prost_types::Duration>) -> Result<Option<prost_types::Duration>, Status> {
+    let Some(d) = grace else { return Ok(None) };
+    match Duration::try_from(d) {
+        Ok(d) if d <= Duration::from_secs(3600) => Ok(Some(d.try_into().unwrap_or_default())),
+        _ => Err(Status::invalid_argument("grace: must be between 0 and 1 hour")),
+    }
+}
+
+impl FleetApi {
+    async fn lifecycle(&self, id: Uuid, verb: Verb) -> Result<Response<Deployment>, Status> {
+        let deployment = deployments::lifecycle(&self.state, id, verb).await.map_err(deployment_status)?;
+        tracing::info!(deployment_id = %id, ?verb, "deployment lifecycle");
+        Ok(Response::new(deployment))
     }
 }
 
@@ -85,6 +104,75 @@ impl Fleet for FleetApi {
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
         let id = parse_id("id", &request.get_ref().id)?;
         Ok(Response::new(deployments::get(&self.state, id).await.map_err(deployment_status)?))
+    }
+
+    async fn start_deployment(
+        &self,
+        request: Request<proto::StartDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let id = parse_id("id", &request.get_ref().id)?;
+        self.lifecycle(id, Verb::Start).await
+    }
+
+    async fn stop_deployment(
+        &self,
+        request: Request<proto::StopDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        self.lifecycle(id, Verb::Stop { grace: grace(request.grace)? }).await
+    }
+
+    async fn restart_deployment(
+        &self,
+        request: Request<proto::RestartDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        self.lifecycle(id, Verb::Restart { grace: grace(request.grace)? }).await
+    }
+
+    async fn remove_deployment(
+        &self,
+        request: Request<proto::RemoveDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        self.lifecycle(id, Verb::Remove { volumes: request.remove_volumes }).await
+    }
+
+    async fn update_deployment(
+        &self,
+        request: Request<proto::UpdateDeploymentRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        Ok(Response::new(deployments::update(&self.state, id, spec).await.map_err(deployment_status)?))
+    }
+
+    async fn inspect_deployment(
+        &self,
+        request: Request<proto::InspectDeploymentRequest>,
+    ) -> Result<Response<proto::ContainerStatus>, Status> {
+        Ok(Response::new(live::inspect(&self.state, &request.get_ref().id).await?))
+    }
+
+    async fn check_deployment_health(
+        &self,
+        request: Request<proto::CheckDeploymentHealthRequest>,
+    ) -> Result<Response<proto::CheckDeploymentHealthResponse>, Status> {
+        Ok(Response::new(live::check_health(&self.state, &request.get_ref().id).await?))
+    }
+
+    type TailLogsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::LogEntry, Status>> + Send>>;
+
+    async fn tail_logs(
+        &self,
+        request: Request<proto::TailLogsRequest>,
+    ) -> Result<Response<Self::TailLogsStream>, Status> {
+        let stream = live::tail_logs(&self.state, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn delete_droplet(

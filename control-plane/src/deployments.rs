@@ -28,8 +28,141 @@ pub enum DeploymentError {
     NotFound(Uuid),
     #[error("the stored spec of deployment {0} cannot be read with this master key")]
     Unreadable(Uuid),
+    #[error("deployment {0} was removed")]
+    Removed(Uuid),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// A change of a deployment's run state, asked through the API.
+#[derive(Debug, Clone, Copy)]
+pub enum Verb {
+    Start,
+    Stop { grace: Option<prost_types::Duration> },
+    Restart { grace: Option<prost_types::Duration> },
+    Remove { volumes: bool },
+}
+
+/// Sends a command to the droplet's live session, if it has one here.
+fn dispatch(state: &State, droplet: DropletId, deployment: Uuid, kind: command::Kind) {
+    let command = Command { id: Uuid::new_v4().to_string(), deadline: None, kind: Some(kind) };
+    if !state.sessions.send(droplet, control_message::Kind::Command(command)) {
+        tracing::info!(droplet_id = %droplet, deployment_id = %deployment, "droplet not connected; the command waits for the command ledger");
+    }
+}
+
+/// Host ports `spec` publishes that another live deployment on the droplet already
+/// publishes, as field violations.
+async fn host_port_conflicts(
+    state: &State,
+    droplet: DropletId,
+    this: Uuid,
+    spec: &DeploymentSpec,
+) -> Result<(), DeploymentError> {
+    let wanted: Vec<(usize, u16, &'static str)> = spec
+        .ports
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.host_port.filter(|&h| h != 0).map(|h| (i, h, p.protocol.as_str())))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut violations = Vec::new();
+    for row in store::live_deployments_of(&state.db, droplet.as_uuid()).await? {
+        if row.id == this {
+            continue;
+        }
+        let Ok(other) = open(state, &row).and_then(|s| DeploymentSpec::try_from(s).map_err(DeploymentError::from))
+        else {
+            continue;
+        };
+        for (i, port, protocol) in &wanted {
+            if other.ports.iter().any(|p| p.host_port == Some(*port) && p.protocol.as_str() == *protocol) {
+                violations.push(flotilla::spec::FieldViolation {
+                    field: format!("ports[{i}].host_port"),
+                    description: format!(
+                        "{port}/{protocol} is already published on this droplet by deployment {}",
+                        row.id
+                    ),
+                });
+            }
+        }
+    }
+    if violations.is_empty() { Ok(()) } else { Err(SpecError { violations }.into()) }
+}
+
+/// Records the new desired state and sends the command.
+pub async fn lifecycle(state: &State, id: Uuid, verb: Verb) -> Result<proto::Deployment, DeploymentError> {
+    let (desired, retry) = match verb {
+        Verb::Start | Verb::Restart { .. } => ("running", true),
+        Verb::Stop { .. } => ("stopped", false),
+        Verb::Remove { .. } => ("removed", false),
+    };
+    let Some(row) = store::set_desired_state(&state.db, id, desired, retry).await? else {
+        return Err(match store::get_deployment(&state.db, id).await? {
+            Some(_) => DeploymentError::Removed(id),
+            None => DeploymentError::NotFound(id),
+        });
+    };
+    let deployment_id = id.to_string();
+    let kind = match verb {
+        Verb::Start => command::Kind::Start(proto::Start { deployment_id }),
+        Verb::Stop { grace } => command::Kind::Stop(proto::Stop { deployment_id, grace }),
+        Verb::Restart { grace } => command::Kind::Restart(proto::Restart { deployment_id, grace }),
+        Verb::Remove { volumes } => command::Kind::Remove(proto::Remove { deployment_id, remove_volumes: volumes }),
+    };
+    dispatch(state, DropletId::from_uuid(row.droplet_id), id, kind);
+    get(state, id).await
+}
+
+/// A new spec, run as the next generation. Secret values sent back masked ("***") keep
+/// their stored values.
+pub async fn update(
+    state: &State,
+    id: Uuid,
+    spec: proto::DeploymentSpec,
+) -> Result<proto::Deployment, DeploymentError> {
+    let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
+    if row.desired_state == "removed" {
+        return Err(DeploymentError::Removed(id));
+    }
+    let spec = keep_masked_secrets(spec, &open(state, &row)?);
+    let validated = DeploymentSpec::try_from(spec.clone())?;
+    let droplet = DropletId::from_uuid(row.droplet_id);
+    host_port_conflicts(state, droplet, id, &validated).await?;
+    let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
+    let row = store::update_deployment_spec(&state.db, id, &sealed).await?.ok_or(DeploymentError::Removed(id))?;
+    let generation = u64::try_from(row.generation).unwrap_or(0);
+    tracing::info!(deployment_id = %id, generation, "deployment updated");
+    let deploy = Deploy { deployment_id: id.to_string(), generation, spec: Some(spec) };
+    dispatch(state, droplet, id, command::Kind::Deploy(deploy));
+    get(state, id).await
+}
+
+/// Puts stored secret values back where the new spec carries the mask.
+fn keep_masked_secrets(mut spec: proto::DeploymentSpec, stored: &proto::DeploymentSpec) -> proto::DeploymentSpec {
+    for var in spec.env.iter_mut().filter(|v| v.secret && v.value == "***") {
+        if let Some(old) = stored.env.iter().find(|o| o.secret && o.name == var.name) {
+            var.value = old.value.clone();
+        }
+    }
+    if let (Some(auth), Some(old)) = (spec.registry_auth.as_mut(), stored.registry_auth.as_ref())
+        && auth.password == "***"
+        && auth.username == old.username
+        && auth.server == old.server
+    {
+        auth.password = old.password.clone();
+    }
+    spec
+}
+
+fn open(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSpec, DeploymentError> {
+    let bytes = state
+        .master_key
+        .open(&seal_context(row.id), &row.spec_sealed)
+        .map_err(|_| DeploymentError::Unreadable(row.id))?;
+    proto::DeploymentSpec::decode(bytes.as_slice()).map_err(|_| DeploymentError::Unreadable(row.id))
 }
 
 /// Validates, stores at generation 1, and sends `Deploy` if the droplet is connected here.
@@ -39,17 +172,15 @@ pub async fn create(
     name: &str,
     spec: proto::DeploymentSpec,
 ) -> Result<proto::Deployment, DeploymentError> {
-    DeploymentSpec::try_from(spec.clone())?;
+    let validated = DeploymentSpec::try_from(spec.clone())?;
     let id = Uuid::new_v4();
+    host_port_conflicts(state, droplet, id, &validated).await?;
     let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
     let row = store::insert_deployment(&state.db, id, droplet.as_uuid(), name, &sealed)
         .await?
         .ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
     let deploy = Deploy { deployment_id: id.to_string(), generation: 1, spec: Some(spec) };
-    let command = Command { id: Uuid::new_v4().to_string(), deadline: None, kind: Some(command::Kind::Deploy(deploy)) };
-    if !state.sessions.send(droplet, control_message::Kind::Command(command)) {
-        tracing::info!(droplet_id = %droplet, deployment_id = %id, "droplet not connected; the deploy waits for the command ledger");
-    }
+    dispatch(state, droplet, id, command::Kind::Deploy(deploy));
     to_proto(state, row, None)
 }
 
@@ -86,11 +217,7 @@ fn to_proto(
     row: store::DeploymentRow,
     container: Option<ContainerStatus>,
 ) -> Result<proto::Deployment, DeploymentError> {
-    let bytes = state
-        .master_key
-        .open(&seal_context(row.id), &row.spec_sealed)
-        .map_err(|_| DeploymentError::Unreadable(row.id))?;
-    let spec = proto::DeploymentSpec::decode(bytes.as_slice()).map_err(|_| DeploymentError::Unreadable(row.id))?;
+    let spec = open(state, &row)?;
     use proto::deployment::DesiredState as D;
     let desired = match row.desired_state.as_str() {
         "running" => D::Running,
@@ -160,13 +287,23 @@ pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus
     // Reports from the engine's side (command results, Docker events) carry no probe
     // result; they must not erase what the health monitor last said of the same container.
     let mut status = status.clone();
-    if status.health.is_none() || status.mcp_server.is_none() {
+    let removed_one = status.state() == proto::ContainerState::Removed && !status.container_id.is_empty();
+    if removed_one || status.health.is_none() || status.mcp_server.is_none() {
         let stored = store::container_status(&state.db, deployment).await.ok().flatten();
-        if let Some(stored) = stored.and_then(|b| ContainerStatus::decode(b.as_slice()).ok())
-            && stored.container_id == status.container_id
-        {
-            status.health = status.health.or(stored.health);
-            status.mcp_server = status.mcp_server.or(stored.mcp_server);
+        let stored = stored.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
+        match stored {
+            Some(stored) if stored.container_id == status.container_id => {
+                status.health = status.health.or(stored.health);
+                status.mcp_server = status.mcp_server.or(stored.mcp_server);
+            }
+            // One container going away (an old generation replaced, a new one rolled
+            // back) says nothing about the container the deployment runs now. Only a
+            // `Remove` (no container id: all of them) ends the deployment's container.
+            Some(_) if removed_one => {
+                tracing::debug!(%deployment, container_id = %status.container_id, "an earlier container was removed");
+                return;
+            }
+            _ => {}
         }
     }
     let status = &status;

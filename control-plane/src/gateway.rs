@@ -4,8 +4,8 @@ use std::pin::Pin;
 
 use flotilla::{
     proto::{
-        AgentMessage, Certificate, ControlMessage, EnrollRequest, EnrollResponse, Goodbye, Hello, Welcome,
-        agent_gateway_server::AgentGateway, agent_message, control_message, goodbye::Reason,
+        AgentMessage, CancelLogs, Certificate, Command, ControlMessage, EnrollRequest, EnrollResponse, Goodbye, Hello,
+        Welcome, agent_gateway_server::AgentGateway, agent_message, command, control_message, goodbye::Reason,
     },
     protocol,
 };
@@ -20,6 +20,7 @@ use crate::{
     deployments,
     enrollment::{self, EnrollError},
     pki::CsrError,
+    requests::AfterChunk,
     sessions::{Beat, Outbound},
     state::State,
     store::{self, Claim, DropletStatus},
@@ -300,6 +301,21 @@ impl Session {
                 }
             }
             Some(agent_message::Kind::ContainerEvent(event)) => deployments::event(&self.state, droplet, &event).await,
+            Some(agent_message::Kind::RequestReply(reply)) => {
+                self.state.sessions.reply(droplet, self.session_id, reply);
+            }
+            Some(agent_message::Kind::LogChunk(chunk)) => {
+                let request_id = chunk.request_id.clone();
+                if self.state.sessions.log_chunk(droplet, self.session_id, chunk) == AfterChunk::CallerGone {
+                    // Nobody reads this stream any more: the agent stops reading Docker.
+                    let cancel = Command {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        deadline: None,
+                        kind: Some(command::Kind::CancelLogs(CancelLogs { request_id })),
+                    };
+                    self.state.sessions.send(droplet, control_message::Kind::Command(cancel));
+                }
+            }
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("ignored a second Hello in one session");
             }

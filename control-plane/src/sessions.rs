@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::store::SeenLoad;
+use crate::{
+    requests::{AfterChunk, PendingRequests, Waiter},
+    store::SeenLoad,
+};
 
 /// Where a session's messages to its agent go.
 pub type Outbound = mpsc::Sender<Result<ControlMessage, Status>>;
@@ -43,6 +46,8 @@ struct Entry {
     last_heartbeat: Instant,
     unreachable: bool,
     pending: Option<SeenLoad>,
+    /// Live requests sent on this session and not yet answered.
+    requests: PendingRequests,
 }
 
 /// A session that `register` displaced.
@@ -57,6 +62,15 @@ impl Displaced {
     pub fn close(self, goodbye: Goodbye) {
         send_goodbye(&self.outbound, &self.end, goodbye);
     }
+}
+
+/// Why a live request could not be sent.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the droplet has no session with this control plane")]
+    NotConnected,
+    #[error("the droplet's session is busy: too many requests in flight")]
+    Busy,
 }
 
 /// What a heartbeat changed.
@@ -100,6 +114,7 @@ impl Sessions {
             last_heartbeat: Instant::now(),
             unreachable: false,
             pending: None,
+            requests: PendingRequests::default(),
         };
         self.lock().insert(droplet, entry).map(|old| Displaced {
             session_id: old.session_id,
@@ -164,6 +179,52 @@ impl Sessions {
         let map = self.lock();
         let Some(entry) = map.get(&droplet) else { return false };
         entry.outbound.try_send(Ok(ControlMessage { kind: Some(kind) })).is_ok()
+    }
+
+    /// Registers `waiter` as request `id` on the droplet's session and sends `kind` to the
+    /// agent. The caller is registered first, so even an instant answer finds it.
+    pub fn request(
+        &self,
+        droplet: DropletId,
+        id: Uuid,
+        waiter: Waiter,
+        kind: control_message::Kind,
+    ) -> Result<(), RequestError> {
+        let mut map = self.lock();
+        let entry = map.get_mut(&droplet).ok_or(RequestError::NotConnected)?;
+        if !entry.requests.insert(id, waiter) {
+            return Err(RequestError::Busy);
+        }
+        if entry.outbound.try_send(Ok(ControlMessage { kind: Some(kind) })).is_err() {
+            entry.requests.remove(id);
+            return Err(RequestError::Busy);
+        }
+        Ok(())
+    }
+
+    /// Forgets request `id` (its caller gave up); returns whether it was still open.
+    pub fn forget_request(&self, droplet: DropletId, id: Uuid) -> bool {
+        self.lock().get_mut(&droplet).is_some_and(|e| e.requests.remove(id))
+    }
+
+    /// An answer arrived on session `session_id`: only that session's requests can match.
+    pub fn reply(&self, droplet: DropletId, session_id: Uuid, reply: flotilla::proto::RequestReply) {
+        if let Some(entry) = self.lock().get_mut(&droplet).filter(|e| e.session_id == session_id) {
+            entry.requests.reply(reply);
+        }
+    }
+
+    /// A log chunk arrived on session `session_id`.
+    pub fn log_chunk(&self, droplet: DropletId, session_id: Uuid, chunk: flotilla::proto::LogChunk) -> AfterChunk {
+        match self.lock().get_mut(&droplet).filter(|e| e.session_id == session_id) {
+            Some(entry) => entry.requests.chunk(chunk),
+            None => AfterChunk::Unknown,
+        }
+    }
+
+    /// Live requests in flight on the droplet's session.
+    pub fn requests_in_flight(&self, droplet: DropletId) -> usize {
+        self.lock().get(&droplet).map_or(0, |e| e.requests.len())
     }
 
     /// Says goodbye to every session; `goodbye` makes each one's message.

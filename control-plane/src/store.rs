@@ -653,6 +653,51 @@ pub async fn insert_deployment(
     .await
 }
 
+/// Records a new desired run state; `retry` also clears `failed` (an operator asked for
+/// the container to run again). A removed deployment stays removed: `None` then, as for
+/// an unknown one.
+pub async fn set_desired_state(
+    db: &PgPool,
+    id: Uuid,
+    desired: &str,
+    retry: bool,
+) -> sqlx::Result<Option<DeploymentRow>> {
+    sqlx::query_as(
+        "UPDATE deployments SET desired_state = $2, updated_at = now(),
+             failed = failed AND NOT $3, last_error = CASE WHEN $3 THEN '' ELSE last_error END
+         WHERE id = $1 AND (desired_state <> 'removed' OR $2 = 'removed')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(desired)
+    .bind(retry)
+    .fetch_optional(db)
+    .await
+}
+
+/// Stores a new spec as the next generation, to run. `None` if the deployment is unknown
+/// or removed.
+pub async fn update_deployment_spec(db: &PgPool, id: Uuid, spec_sealed: &[u8]) -> sqlx::Result<Option<DeploymentRow>> {
+    sqlx::query_as(
+        "UPDATE deployments SET spec_sealed = $2, generation = generation + 1, desired_state = 'running',
+             failed = false, last_error = '', updated_at = now()
+         WHERE id = $1 AND desired_state <> 'removed'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(spec_sealed)
+    .fetch_optional(db)
+    .await
+}
+
+/// The deployments of a droplet that are not removed (to check host ports against).
+pub async fn live_deployments_of(db: &PgPool, droplet: Uuid) -> sqlx::Result<Vec<DeploymentRow>> {
+    sqlx::query_as("SELECT * FROM deployments WHERE droplet_id = $1 AND desired_state <> 'removed' ORDER BY id")
+        .bind(droplet)
+        .fetch_all(db)
+        .await
+}
+
 pub async fn get_deployment(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DeploymentRow>> {
     sqlx::query_as("SELECT * FROM deployments WHERE id = $1").bind(id).fetch_optional(db).await
 }

@@ -2,6 +2,8 @@
 //! port 0, real agents, and real gRPC clients over real TLS.
 #![allow(dead_code)]
 
+pub mod deploy;
+
 use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;

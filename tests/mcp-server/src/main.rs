@@ -5,6 +5,7 @@
 //!   /healthz/ok` restores it);
 //! - `EXIT_AFTER_MS` and `EXIT_CODE` make it exit with that code after that long (the
 //!   crash-loop container);
+//! - `ALLOCATE_MB` makes it allocate and touch that much memory at start (the OOM test);
 //! - `LOG_EVERY_MS` makes it write a numbered line to stdout that often, and
 //!   `LOG_BURST` lines at start (the log tests);
 //! - `PORT` (default 8080) is where it listens, on all addresses.
@@ -89,6 +90,12 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("exiting with code {code} as asked");
             std::process::exit(code);
         });
+    }
+    if let Some(mb) = env_u64("ALLOCATE_MB") {
+        // Touch every page, so the memory is really used (and a limit really hit).
+        let hog = vec![1u8; (mb as usize) << 20];
+        eprintln!("allocated {} MiB", hog.iter().map(|&b| b as usize).sum::<usize>() >> 20);
+        std::mem::forget(hog);
     }
     for n in 0..env_u64("LOG_BURST").unwrap_or(0) {
         println!("burst line {n:08}");
