@@ -19,6 +19,20 @@ if ! command -v grpcurl >/dev/null; then
   command -v grpcurl >/dev/null || { echo "test: grpcurl is still not on PATH" >&2; exit 1; }
 fi
 
+# The registry tests run a real registry on loopback (Debian's docker-registry) and
+# protect it with htpasswd (apache2-utils).
+if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+  echo "test: installing docker-registry and apache2-utils from Debian's packages" >&2
+  [ "$(id -u)" -eq 0 ] || { echo "test: not root: install docker-registry and apache2-utils" >&2; exit 1; }
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2 && apt-get install -y -qq docker-registry apache2-utils >&2
+  # The package starts a registry of its own on :5000 where it can; the tests do not use it.
+  command -v docker-registry >/dev/null && command -v htpasswd >/dev/null || {
+    echo "test: docker-registry or htpasswd is still missing after installing" >&2
+    exit 1
+  }
+fi
+
 if [ -z "${DATABASE_URL:-}" ]; then
   PG_TMP=$(mktemp -d /tmp/flotilla-test-pg.XXXXXX)
   trap 'stop_postgres; rm -rf "$PG_TMP"' EXIT

@@ -85,6 +85,10 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
         "{}",
         status.message()
     );
+    // Programs get the same as a google.rpc.BadRequest detail, one violation per field.
+    let bad = tonic_types::StatusExt::get_details_bad_request(&status).expect("a BadRequest detail");
+    let fields: Vec<&str> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
+    assert!(fields.contains(&"spec.privileged") && fields.contains(&"spec.env[2].name"), "{fields:?}");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM deployments").fetch_one(&db.pool).await?;
     assert_eq!(stored, 0);
 

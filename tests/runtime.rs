@@ -83,7 +83,7 @@ async fn state(docker: &Docker, id: &str) -> anyhow::Result<Option<bool>> {
 async fn deploy_runs_a_labelled_container_and_the_lifecycle_works() -> anyhow::Result<()> {
     let (docker, runtime, _cleanup) = setup().await?;
     let deployment = Uuid::new_v4();
-    let status = runtime.deploy(deployment, 1, &spec(|_| {})?).await?;
+    let status = runtime.deploy(deployment, 1, &spec(|_| {})?, &|_| {}).await?;
     assert_eq!(status.state(), ContainerState::Running);
     assert_eq!(status.name, container_name(deployment, 1));
     assert_eq!((status.deployment_id.as_str(), status.generation), (deployment.to_string().as_str(), 1));
@@ -98,7 +98,7 @@ async fn deploy_runs_a_labelled_container_and_the_lifecycle_works() -> anyhow::R
     assert!(networks.contains_key(&runtime::network_name(runtime.droplet())), "{:?}", networks.keys());
 
     // The same generation again changes nothing.
-    let again = runtime.deploy(deployment, 1, &spec(|_| {})?).await?;
+    let again = runtime.deploy(deployment, 1, &spec(|_| {})?, &|_| {}).await?;
     assert_eq!(again.container_id, status.container_id);
 
     let stopped = runtime.stop(deployment, Duration::from_secs(5)).await?;
@@ -119,15 +119,16 @@ async fn deploy_runs_a_labelled_container_and_the_lifecycle_works() -> anyhow::R
 async fn a_new_generation_replaces_the_old_and_a_broken_one_rolls_back() -> anyhow::Result<()> {
     let (docker, runtime, _cleanup) = setup().await?;
     let deployment = Uuid::new_v4();
-    let first = runtime.deploy(deployment, 1, &spec(|_| {})?).await?;
-    let second = runtime.deploy(deployment, 2, &spec(|s| drop(s.labels.insert("tier".into(), "two".into())))?).await?;
+    let first = runtime.deploy(deployment, 1, &spec(|_| {})?, &|_| {}).await?;
+    let second =
+        runtime.deploy(deployment, 2, &spec(|s| drop(s.labels.insert("tier".into(), "two".into())))?, &|_| {}).await?;
     assert_eq!(second.generation, 2);
     assert_eq!(second.state(), ContainerState::Running);
     assert_eq!(state(&docker, &first.container_id).await?, None, "the old generation is removed");
 
     // Generation 3 cannot start (no such entrypoint): generation 2 keeps running.
     let broken = spec(|s| s.command = vec!["/does-not-exist".into()])?;
-    match runtime.deploy(deployment, 3, &broken).await {
+    match runtime.deploy(deployment, 3, &broken, &|_| {}).await {
         Err(RuntimeError::RolledBack { new: 3, old: 2, .. }) => {}
         other => anyhow::bail!("expected a rollback to generation 2, got {other:?}"),
     }
@@ -152,9 +153,9 @@ async fn containers_without_this_droplets_labels_are_never_touched() -> anyhow::
     // Another agent's container on the same engine.
     let other = Runtime::new(docker.clone(), DropletId::new());
     let _other_cleanup = Cleanup { docker: docker.clone(), droplet: other.droplet() };
-    let theirs = other.deploy(Uuid::new_v4(), 1, &spec(|_| {})?).await?;
+    let theirs = other.deploy(Uuid::new_v4(), 1, &spec(|_| {})?, &|_| {}).await?;
 
-    match runtime.deploy(deployment, 1, &spec(|_| {})?).await {
+    match runtime.deploy(deployment, 1, &spec(|_| {})?, &|_| {}).await {
         Err(RuntimeError::Foreign(n)) => assert_eq!(n, name),
         other => anyhow::bail!("expected the foreign container to be refused, got {other:?}"),
     }
@@ -182,7 +183,7 @@ async fn an_invalid_spec_is_refused_before_docker_and_a_missing_image_is_named()
     assert!(refused.contains("privileged"), "{refused}");
 
     let missing = spec(|s| s.image = "flotilla-test/not-built:never".into())?;
-    match runtime.deploy(Uuid::new_v4(), 1, &missing).await {
+    match runtime.deploy(Uuid::new_v4(), 1, &missing, &|_| {}).await {
         Err(RuntimeError::ImageMissing(image)) => assert_eq!(image, "flotilla-test/not-built:never"),
         other => anyhow::bail!("expected a missing image, got {other:?}"),
     }

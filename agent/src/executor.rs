@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use flotilla::proto::{
-    Command, CommandResult, ContainerState, ContainerStatus, Health, HealthStatus, RequestReply, agent_message, command,
+    Command, CommandResult, ContainerEvent, ContainerState, ContainerStatus, Health, HealthStatus, RequestReply,
+    agent_message, command,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use uuid::Uuid;
@@ -47,7 +48,7 @@ impl Executor {
             tokio::spawn(async move {
                 while let Some(command) = commands.recv().await {
                     let id = command.id.clone();
-                    let reply = execute(runtime.as_ref(), command).await;
+                    let reply = execute(runtime.as_ref(), command, &wire).await;
                     if let Err(error) = wire.send(reply).await {
                         tracing::debug!(command_id = %id, "could not report a result: {error:#}");
                         return;
@@ -74,7 +75,7 @@ impl Executor {
                 let runtime = self.runtime.clone();
                 let wire = wire.clone();
                 tokio::spawn(async move {
-                    let reply = execute(runtime.as_ref(), command).await;
+                    let reply = execute(runtime.as_ref(), command, &wire).await;
                     let _ = wire.send(reply).await;
                 });
             }
@@ -91,6 +92,16 @@ impl Executor {
 }
 
 fn failed(id: &str, is_command: bool, message: String, container: Option<ContainerStatus>) -> agent_message::Kind {
+    failed_for(id, is_command, message, container, None)
+}
+
+fn failed_for(
+    id: &str,
+    is_command: bool,
+    message: String,
+    container: Option<ContainerStatus>,
+    deployment: Option<Uuid>,
+) -> agent_message::Kind {
     if is_command {
         agent_message::Kind::CommandResult(CommandResult {
             command_id: id.to_owned(),
@@ -98,6 +109,7 @@ fn failed(id: &str, is_command: bool, message: String, container: Option<Contain
             message,
             container,
             finished_at: Some(std::time::SystemTime::now().into()),
+            deployment_id: deployment.map(|d| d.to_string()).unwrap_or_default(),
         })
     } else {
         agent_message::Kind::RequestReply(RequestReply {
@@ -118,7 +130,7 @@ fn grace(d: Option<prost_types::Duration>) -> Duration {
     d.and_then(|d| Duration::try_from(d).ok()).unwrap_or(DEFAULT_GRACE)
 }
 
-async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_message::Kind {
+async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wire) -> agent_message::Kind {
     let id = command.id;
     if command
         .deadline
@@ -142,7 +154,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
         command::Kind::Deploy(deploy) => match runtime::validate(deploy) {
             Err(invalid) => Err((invalid, None)),
             Ok((deployment, generation, spec)) => runtime
-                .deploy(deployment, generation, &spec)
+                .deploy(deployment, generation, &spec, &|detail| pull_progress(wire, deployment, generation, detail))
                 .await
                 .map(Some)
                 .map_err(|e| (e.to_string(), Some(deployment))),
@@ -198,6 +210,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
             command_id: id,
             success: true,
             message: String::new(),
+            deployment_id: container.as_ref().map(|c| c.deployment_id.clone()).unwrap_or_default(),
             container,
             finished_at: Some(std::time::SystemTime::now().into()),
         }),
@@ -215,8 +228,24 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command) -> agent_
                 Some(d) => runtime.status(d).await.ok(),
                 None => None,
             };
-            failed(&id, is_command, message, container)
+            failed_for(&id, is_command, message, container, deployment)
         }
+    }
+}
+
+/// Pull progress, as an event of the deployment (there is no container yet). Progress is
+/// nice to have: when the session's queue is full it is dropped rather than waited for.
+fn pull_progress(wire: &Wire, deployment: Uuid, generation: u64, detail: String) {
+    let container = ContainerStatus { deployment_id: deployment.to_string(), generation, ..Default::default() };
+    let event = ContainerEvent {
+        container: Some(container),
+        action: "pull".into(),
+        exit_code: None,
+        at: Some(std::time::SystemTime::now().into()),
+        detail,
+    };
+    if !wire.try_send(agent_message::Kind::ContainerEvent(event)) {
+        tracing::debug!(%deployment, "pull progress not reported: the session is busy");
     }
 }
 

@@ -274,6 +274,13 @@ impl Wire {
         self.tx.is_closed()
     }
 
+    /// Sends if the session's queue has room; what does not fit is dropped (for reports
+    /// that are nice to have, like pull progress).
+    pub(crate) fn try_send(&self, kind: agent_message::Kind) -> bool {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.tx.try_send(AgentMessage { seq, kind: Some(kind) }).is_ok()
+    }
+
     pub(crate) async fn send(&self, kind: agent_message::Kind) -> anyhow::Result<()> {
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         self.tx.send(AgentMessage { seq, kind: Some(kind) }).await.context("the session's outbound stream closed")

@@ -239,7 +239,7 @@ impl Runtime {
         }
     }
 
-    async fn pull(&self, spec: &DeploymentSpec) -> Result<(), RuntimeError> {
+    async fn pull(&self, spec: &DeploymentSpec, progress: &(dyn Fn(String) + Sync)) -> Result<(), RuntimeError> {
         let image = spec.image.to_string();
         let present = match self.docker.inspect_image(&image).await {
             Ok(_) => true,
@@ -258,18 +258,24 @@ impl Runtime {
             ..Default::default()
         });
         let options = CreateImageOptionsBuilder::default().from_image(&image).build();
-        let mut progress = self.docker.create_image(Some(options), None, credentials);
-        while let Some(step) = progress.next().await {
+        let mut steps = self.docker.create_image(Some(options), None, credentials);
+        progress(format!("pulling {image} (pull policy {})", spec.pull_policy.as_str()));
+        let mut report = PullReport::default();
+        while let Some(step) = steps.next().await {
             match step {
                 Ok(info) => {
                     if let Some(error) = info.error_detail.and_then(|d| d.message) {
                         return Err(RuntimeError::Pull { image, message: error });
                     }
                     tracing::debug!(status = ?info.status, progress = ?info.progress, "pulling {image}");
+                    if let Some(line) = report.step(info.id.as_deref(), info.status.as_deref(), info.progress_detail) {
+                        progress(line);
+                    }
                 }
                 Err(e) => return Err(RuntimeError::Pull { image, message: e.to_string() }),
             }
         }
+        progress(report.finished(&image));
         Ok(())
     }
 
@@ -372,6 +378,7 @@ impl Runtime {
         deployment: Uuid,
         generation: u64,
         spec: &DeploymentSpec,
+        progress: &(dyn Fn(String) + Sync),
     ) -> Result<ContainerStatus, RuntimeError> {
         let existing = self.managed(Some(deployment)).await?;
         if let Some((id, _, _)) = existing.iter().find(|(_, _, g)| *g == generation) {
@@ -381,7 +388,7 @@ impl Runtime {
             }
             return self.status(deployment).await;
         }
-        self.pull(spec).await?;
+        self.pull(spec, progress).await?;
         let network = self.ensure_network().await?;
         self.ensure_volumes(deployment, spec).await?;
         let name = container_name(deployment, generation);
@@ -486,6 +493,60 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+}
+
+/// Turns Docker's pull stream into a few lines worth an event: each layer once when it is
+/// done, byte counts at most every [`PullReport::EVERY`], and the outcome.
+#[derive(Default)]
+struct PullReport {
+    layers: std::collections::BTreeMap<String, (u64, u64)>,
+    done: usize,
+    last: Option<std::time::Instant>,
+    outcome: Option<String>,
+}
+
+impl PullReport {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn step(
+        &mut self,
+        layer: Option<&str>,
+        status: Option<&str>,
+        detail: Option<bollard::models::ProgressDetail>,
+    ) -> Option<String> {
+        let status = status?;
+        let Some(layer) = layer.filter(|l| l.len() == 12) else {
+            // "Status: Downloaded newer image for …", "Digest: sha256:…".
+            if status.starts_with("Status:") || status.starts_with("Digest:") {
+                let outcome = self.outcome.get_or_insert_with(String::new);
+                if !outcome.is_empty() {
+                    outcome.push_str("; ");
+                }
+                outcome.push_str(status);
+            }
+            return None;
+        };
+        if status == "Pull complete" || status == "Already exists" {
+            self.done += 1;
+            return Some(format!("layer {layer}: {}", status.to_lowercase()));
+        }
+        if let Some(detail) = detail {
+            let current = detail.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
+            let total = detail.total.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+            self.layers.insert(layer.to_owned(), (current, total));
+        }
+        if status == "Downloading" && self.last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
+            self.last = Some(std::time::Instant::now());
+            let (current, total) = self.layers.values().fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
+            return Some(format!("downloading: {} of {} bytes", current, total));
+        }
+        None
+    }
+
+    fn finished(&self, image: &str) -> String {
+        let outcome = self.outcome.as_deref().unwrap_or("done");
+        format!("pulled {image}: {outcome} ({} layers)", self.done)
     }
 }
 

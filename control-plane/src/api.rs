@@ -50,10 +50,26 @@ fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
     Uuid::try_parse(value).map_err(|_| Status::invalid_argument(format!("{field}: {value:?} is not a UUID")))
 }
 
+/// `InvalidArgument` naming every bad field in the message and, for programs, as a
+/// `google.rpc.BadRequest` detail (one field violation each).
+pub fn invalid_spec(invalid: &flotilla::spec::SpecError) -> Status {
+    use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+    let violations: Vec<FieldViolation> = invalid
+        .violations
+        .iter()
+        .map(|v| FieldViolation::new(format!("spec.{}", v.field), v.description.clone()))
+        .collect();
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        invalid.to_string(),
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
 fn deployment_status(error: deployments::DeploymentError) -> Status {
     use deployments::DeploymentError as E;
     match error {
-        E::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
+        E::Invalid(invalid) => invalid_spec(&invalid),
         E::NoDroplet(_) | E::NotFound(_) => Status::not_found(error.to_string()),
         E::Removed(_) => Status::failed_precondition(error.to_string()),
         E::Unreadable(_) => {

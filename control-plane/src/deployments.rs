@@ -255,7 +255,10 @@ pub fn mask(mut spec: proto::DeploymentSpec) -> proto::DeploymentSpec {
 /// A container event: its state is stored; a crash loop marks the deployment failed.
 pub async fn event(state: &State, droplet: DropletId, event: &proto::ContainerEvent) {
     let Some(container) = &event.container else { return };
-    observe(state, droplet, container).await;
+    // Pull progress comes before there is a container: it is only recorded.
+    if event.action != "pull" {
+        observe(state, droplet, container).await;
+    }
     if let Ok(deployment) = Uuid::try_parse(&container.deployment_id) {
         let kind = format!("container.{}", event.action);
         let message = match event.exit_code {

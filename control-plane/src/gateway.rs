@@ -290,8 +290,12 @@ impl Session {
                 }
                 if !result.success {
                     tracing::warn!(command_id = %result.command_id, "command failed: {}", result.message);
-                    if let Some(container) = &result.container
-                        && let Ok(deployment) = uuid::Uuid::try_parse(&container.deployment_id)
+                    let named = match &result.container {
+                        _ if !result.deployment_id.is_empty() => result.deployment_id.as_str(),
+                        Some(container) => container.deployment_id.as_str(),
+                        None => "",
+                    };
+                    if let Ok(deployment) = uuid::Uuid::try_parse(named)
                         && let Err(error) =
                             store::set_deployment_error(&self.state.db, deployment, droplet.as_uuid(), &result.message)
                                 .await

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod registry;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
 
