@@ -27,6 +27,7 @@ async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyh
         droplet_id: droplet.to_string(),
         name: "test-mcp".into(),
         spec: Some(test_server_spec()),
+        options: None,
     };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     assert_eq!(created.generation, 1);
@@ -77,7 +78,12 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
     let mut spec = test_server_spec();
     spec.privileged = true;
     spec.env.push(EnvVar { name: "BAD=NAME".into(), value: String::new(), secret: false });
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(spec),
+        options: None,
+    };
     let status = cp.fleet().await?.create_deployment(request).await.expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
@@ -96,6 +102,7 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
         droplet_id: DropletId::new().to_string(),
         name: String::new(),
         spec: Some(test_server_spec()),
+        options: None,
     };
     assert_eq!(cp.fleet().await?.create_deployment(request).await.expect_err("no droplet").code(), Code::NotFound);
     cp.stop().await?;
@@ -189,7 +196,12 @@ async fn a_crash_looping_container_is_capped_reported_and_left_stopped() -> anyh
     spec.env.push(EnvVar { name: "EXIT_AFTER_MS".into(), value: "200".into(), secret: false });
     spec.env.push(EnvVar { name: "EXIT_CODE".into(), value: "3".into(), secret: false });
     spec.restart_policy = Some(RestartPolicy { mode: restart_policy::Mode::OnFailure as i32, max_retries: 2 });
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(spec),
+        options: None,
+    };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
 
     wait_for("the deployment to be failed", Duration::from_secs(60), || async {
@@ -224,7 +236,12 @@ async fn a_container_that_stays_unhealthy_is_restarted_up_to_its_cap_then_left_s
         failure_threshold: 2,
         ..Default::default()
     });
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(spec),
+        options: None,
+    };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     wait_for("the deployment to be given up on", Duration::from_secs(60), || async {
         Ok(deployment(&cp, &created.id).await?.failed)

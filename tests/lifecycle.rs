@@ -34,17 +34,21 @@ async fn stop_start_restart_and_remove_through_the_api() -> anyhow::Result<()> {
     let container = running.container.unwrap_or_default();
     let mut fleet = cp.fleet().await?;
 
-    let stopped = fleet.stop_deployment(StopDeploymentRequest { id: created.id.clone(), grace: seconds(1) }).await?;
+    let stopped = fleet
+        .stop_deployment(StopDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None })
+        .await?;
     assert_eq!(stopped.into_inner().desired_state(), DesiredState::Stopped);
     wait_state(&cp, &created.id, ContainerState::Exited).await?;
     assert_eq!(docker_inspect(&container.container_id, "{{.State.Status}}")?, "exited");
 
-    let started = fleet.start_deployment(StartDeploymentRequest { id: created.id.clone() }).await?;
+    let started = fleet.start_deployment(StartDeploymentRequest { id: created.id.clone(), options: None }).await?;
     assert_eq!(started.into_inner().desired_state(), DesiredState::Running);
     wait_state(&cp, &created.id, ContainerState::Running).await?;
     let first_start = docker_inspect(&container.container_id, "{{.State.StartedAt}}")?;
 
-    fleet.restart_deployment(RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1) }).await?;
+    fleet
+        .restart_deployment(RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None })
+        .await?;
     wait_for("the container to be restarted", WITHIN, || async {
         Ok(docker_inspect(&container.container_id, "{{.State.StartedAt}}")? != first_start)
     })
@@ -52,27 +56,32 @@ async fn stop_start_restart_and_remove_through_the_api() -> anyhow::Result<()> {
     assert_eq!(docker_inspect(&container.container_id, "{{.State.Status}}")?, "running");
     assert_eq!(docker_ids(droplet)?, std::slice::from_ref(&container.container_id), "the same container, restarted");
 
-    let removed =
-        fleet.remove_deployment(RemoveDeploymentRequest { id: created.id.clone(), remove_volumes: true }).await?;
+    let removed = fleet
+        .remove_deployment(RemoveDeploymentRequest { id: created.id.clone(), remove_volumes: true, options: None })
+        .await?;
     assert_eq!(removed.into_inner().desired_state(), DesiredState::Removed);
     wait_state(&cp, &created.id, ContainerState::Removed).await?;
     assert!(docker_ids(droplet)?.is_empty(), "no container left");
 
     // A removed deployment stays readable and stays removed.
-    let start = fleet.start_deployment(StartDeploymentRequest { id: created.id.clone() }).await;
+    let start = fleet.start_deployment(StartDeploymentRequest { id: created.id.clone(), options: None }).await;
     let refused = start.expect_err("removed");
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("removed"), "{}", refused.message());
-    let again =
-        fleet.remove_deployment(RemoveDeploymentRequest { id: created.id.clone(), remove_volumes: false }).await;
+    let again = fleet
+        .remove_deployment(RemoveDeploymentRequest { id: created.id.clone(), remove_volumes: false, options: None })
+        .await;
     assert!(again.is_ok(), "removing twice is not an error: {again:?}");
     assert_eq!(deployment(&cp, &created.id).await?.desired_state(), DesiredState::Removed);
 
     // Bad input.
     let unknown = uuid::Uuid::new_v4().to_string();
-    let status = fleet.stop_deployment(StopDeploymentRequest { id: unknown, grace: None }).await.expect_err("unknown");
+    let status = fleet
+        .stop_deployment(StopDeploymentRequest { id: unknown, grace: None, options: None })
+        .await
+        .expect_err("unknown");
     assert_eq!(status.code(), Code::NotFound);
-    let long = StopDeploymentRequest { id: created.id.clone(), grace: seconds(7200) };
+    let long = StopDeploymentRequest { id: created.id.clone(), grace: seconds(7200), options: None };
     let status = fleet.stop_deployment(long).await.expect_err("grace too long");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("grace"), "{}", status.message());
@@ -92,7 +101,9 @@ async fn an_update_runs_the_next_generation_and_keeps_secrets_sent_back_masked()
     let mut spec = deployment(&cp, &created.id).await?.spec.unwrap_or_default();
     assert_eq!(spec.env[1].value, "***");
     spec.env.push(EnvVar { name: "GREETING".into(), value: "hello".into(), secret: false });
-    let updated = fleet.update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(spec) }).await?;
+    let updated = fleet
+        .update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(spec), options: None })
+        .await?;
     assert_eq!(updated.into_inner().generation, 2);
     wait_for("generation 2 to run", WITHIN, || async {
         let d = deployment(&cp, &created.id).await?;
@@ -108,7 +119,9 @@ async fn an_update_runs_the_next_generation_and_keeps_secrets_sent_back_masked()
     // A generation whose image is missing fails on the droplet; generation 2 keeps running.
     let mut broken = test_server_spec();
     broken.image = "flotilla-test/not-there:latest".into();
-    fleet.update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(broken) }).await?;
+    fleet
+        .update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(broken), options: None })
+        .await?;
     wait_for("the failure to be recorded", WITHIN, || async {
         Ok(deployment(&cp, &created.id).await?.last_error.contains("not-there"))
     })
@@ -120,7 +133,9 @@ async fn an_update_runs_the_next_generation_and_keeps_secrets_sent_back_masked()
     assert_eq!(docker_inspect(&container.container_id, "{{.State.Status}}")?, "running");
 
     let invalid = DeploymentSpec { image: "UPPER/case::bad".into(), ..test_server_spec() };
-    let status = fleet.update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(invalid) }).await;
+    let status = fleet
+        .update_deployment(UpdateDeploymentRequest { id: created.id.clone(), spec: Some(invalid), options: None })
+        .await;
     let status = status.expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("image"), "{}", status.message());
@@ -144,7 +159,7 @@ async fn a_restart_retries_a_deployment_that_crash_looped() -> anyhow::Result<()
     let retried = cp
         .fleet()
         .await?
-        .restart_deployment(RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1) })
+        .restart_deployment(RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None })
         .await?
         .into_inner();
     assert!(!retried.failed && retried.last_error.is_empty(), "{retried:?}");
@@ -167,7 +182,12 @@ async fn a_host_port_taken_by_another_deployment_on_the_droplet_is_refused() -> 
     let first = create(&cp, droplet, DeploymentSpec { ports: vec![publish(18080)], ..test_server_spec() }).await?;
 
     let clash = DeploymentSpec { ports: vec![publish(18081), publish(18080)], ..test_server_spec() };
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(clash) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(clash),
+        options: None,
+    };
     let status = cp.fleet().await?.create_deployment(request).await.expect_err("port taken");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
@@ -181,8 +201,12 @@ async fn a_host_port_taken_by_another_deployment_on_the_droplet_is_refused() -> 
     // The deployment holding the port may keep it across updates; once removed, it is free.
     let mut fleet = cp.fleet().await?;
     let same = DeploymentSpec { ports: vec![publish(18080)], ..test_server_spec() };
-    fleet.update_deployment(UpdateDeploymentRequest { id: first.id.clone(), spec: Some(same.clone()) }).await?;
-    fleet.remove_deployment(RemoveDeploymentRequest { id: first.id.clone(), remove_volumes: false }).await?;
+    fleet
+        .update_deployment(UpdateDeploymentRequest { id: first.id.clone(), spec: Some(same.clone()), options: None })
+        .await?;
+    fleet
+        .remove_deployment(RemoveDeploymentRequest { id: first.id.clone(), remove_volumes: false, options: None })
+        .await?;
     create(&cp, droplet, same).await?;
     let get = fleet.get_deployment(GetDeploymentRequest { id: first.id.clone() }).await?.into_inner();
     assert_eq!(get.desired_state(), DesiredState::Removed);

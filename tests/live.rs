@@ -281,6 +281,7 @@ async fn logs_of_a_deployment_on_a_droplet_without_a_session_fail_at_once() -> a
         droplet_id: droplet.to_string(),
         name: String::new(),
         spec: Some(test_server_spec()),
+        options: None,
     };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     let status = cp.fleet().await?.tail_logs(tail(&created.id, 0, true)).await.expect_err("no session");

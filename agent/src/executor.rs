@@ -5,7 +5,11 @@
 //! with a `CommandResult` carrying the container as it is afterwards. Requests (inspect,
 //! check health) are answered with a `RequestReply`.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use flotilla::proto::{
     Command, CommandResult, ContainerEvent, ContainerState, ContainerStatus, Health, HealthStatus, RequestReply,
@@ -16,6 +20,7 @@ use uuid::Uuid;
 
 use crate::{
     health,
+    ledger::Ledger,
     link::Wire,
     logs::LogStreams,
     runtime::{self, Runtime},
@@ -30,6 +35,9 @@ pub(crate) struct Executor {
     task: JoinHandle<()>,
     runtime: Result<Runtime, String>,
     logs: LogStreams,
+    ledger: Ledger,
+    /// Commands queued or running: a repeat of one of these is acknowledged, not queued.
+    pending: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Drop for Executor {
@@ -41,14 +49,23 @@ impl Drop for Executor {
 }
 
 impl Executor {
-    pub(crate) fn start(runtime: Result<Runtime, String>, wire: Wire) -> Self {
+    pub(crate) fn start(runtime: Result<Runtime, String>, wire: Wire, ledger: Ledger) -> Self {
         let (queue, mut commands) = mpsc::channel::<Command>(QUEUE);
+        let pending: Arc<Mutex<HashSet<String>>> = Arc::default();
         let task = {
-            let runtime = runtime.clone();
+            let (runtime, ledger, pending) = (runtime.clone(), ledger.clone(), pending.clone());
             tokio::spawn(async move {
                 while let Some(command) = commands.recv().await {
                     let id = command.id.clone();
                     let reply = execute(runtime.as_ref(), command, &wire).await;
+                    // On disk before it is reported: a result the control plane has seen
+                    // is never applied again.
+                    if let agent_message::Kind::CommandResult(result) = &reply
+                        && let Err(error) = ledger.record(result)
+                    {
+                        tracing::error!(command_id = %id, %error, "could not record a command's result; a repeat of it would run again");
+                    }
+                    lock(&pending).remove(&id);
                     if let Err(error) = wire.send(reply).await {
                         tracing::debug!(command_id = %id, "could not report a result: {error:#}");
                         return;
@@ -56,7 +73,7 @@ impl Executor {
                 }
             })
         };
-        Self { queue, task, runtime, logs: LogStreams::new() }
+        Self { queue, task, runtime, logs: LogStreams::new(), ledger, pending }
     }
 
     /// Commands are acknowledged and queued: they run one at a time, in order. Requests
@@ -82,13 +99,29 @@ impl Executor {
             _ => {
                 let ack = flotilla::proto::CommandAck { command_id: command.id.clone() };
                 let _ = wire.send(agent_message::Kind::CommandAck(ack)).await;
+                if let Some(result) = self.ledger.result(&command.id) {
+                    // Applied already (before a reconnect, or before this agent restarted):
+                    // the same answer again, and Docker is not touched.
+                    tracing::info!(command_id = %command.id, "a repeated command, answered from the record");
+                    let _ = wire.send(agent_message::Kind::CommandResult(result)).await;
+                    return;
+                }
+                if !lock(&self.pending).insert(command.id.clone()) {
+                    // Queued or running: its result will come.
+                    return;
+                }
                 if let Err(mpsc::error::TrySendError::Full(command)) = self.queue.try_send(command) {
+                    lock(&self.pending).remove(&command.id);
                     let reply = failed(&command.id, true, "the agent is busy: too many commands queued".into(), None);
                     let _ = wire.send(reply).await;
                 }
             }
         }
     }
+}
+
+fn lock(pending: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn failed(id: &str, is_command: bool, message: String, container: Option<ContainerStatus>) -> agent_message::Kind {
@@ -109,6 +142,7 @@ fn failed_for(
             message,
             container,
             finished_at: Some(std::time::SystemTime::now().into()),
+            expired: false,
             deployment_id: deployment.map(|d| d.to_string()).unwrap_or_default(),
         })
     } else {
@@ -137,7 +171,11 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wi
         .and_then(|d| std::time::SystemTime::try_from(d).ok())
         .is_some_and(|d| d < std::time::SystemTime::now())
     {
-        return failed(&id, true, "the command's deadline passed before it could run".into(), None);
+        let mut reply = failed(&id, true, "the command's deadline passed before it could run".into(), None);
+        if let agent_message::Kind::CommandResult(result) = &mut reply {
+            result.expired = true;
+        }
+        return reply;
     }
     let Some(kind) = command.kind else {
         return failed(&id, true, "an empty command".into(), None);
@@ -213,6 +251,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wi
             deployment_id: container.as_ref().map(|c| c.deployment_id.clone()).unwrap_or_default(),
             container,
             finished_at: Some(std::time::SystemTime::now().into()),
+            expired: false,
         }),
         Ok(container) => agent_message::Kind::RequestReply(RequestReply {
             request_id: id,

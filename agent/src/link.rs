@@ -24,6 +24,7 @@ use crate::{
     executor::Executor,
     host::HostProbe,
     identity::{Held, Store},
+    ledger::Ledger,
     runtime::Runtime,
 };
 
@@ -127,6 +128,9 @@ pub struct AgentConfig {
     pub disk_path: std::path::PathBuf,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Where the record of applied commands is kept (`commands.log`); `None` keeps it in
+    /// memory only, which loses it when the agent restarts.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// How a session ended.
@@ -143,7 +147,12 @@ enum Ended {
 /// Runs the agent until `shutdown` is cancelled. Returns an error only for what needs an
 /// operator: no usable credentials, a refused enrollment, a bad configuration.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ledger = match &config.state_dir {
+        Some(dir) => Ledger::open(dir).with_context(|| format!("opening the command record in {}", dir.display()))?,
+        None => Ledger::in_memory(),
+    };
     let mut agent = Agent {
+        ledger,
         host: HostProbe::new(config.disk_path.clone()),
         engine: Engine::new(&config.docker_socket),
         droplet: None,
@@ -252,6 +261,8 @@ pub fn chain(error: &(dyn StdError + 'static)) -> String {
 }
 
 struct Agent {
+    /// Commands applied, with their results: each is applied once across sessions.
+    ledger: Ledger,
     host: HostProbe,
     engine: Engine,
     /// Learned from `Welcome`.
@@ -400,7 +411,7 @@ impl Agent {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
-        let executor = Executor::start(self.runtime(), wire.clone());
+        let executor = Executor::start(self.runtime(), wire.clone(), self.ledger.clone());
         let _monitor = self.runtime().ok().map(|runtime| crate::health::Monitor::start(runtime, wire.clone()));
         let _events = self
             .runtime()
@@ -523,7 +534,7 @@ impl Agent {
             docker_version,
             docker_error,
             inventory,
-            applied_command_ids: Vec::new(),
+            applied_command_ids: self.ledger.recent(100),
             load: Some(self.load().await),
         }
     }

@@ -57,6 +57,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         disk_path: "/".into(),
         initial_backoff: args.initial_backoff,
         max_backoff: args.max_backoff,
+        state_dir: Some(args.state_dir.clone()),
     };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

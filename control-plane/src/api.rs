@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    commands::{self, Options},
     deployments::{self, Verb},
     enrollment, live,
     state::State,
@@ -72,12 +73,32 @@ fn deployment_status(error: deployments::DeploymentError) -> Status {
         E::Invalid(invalid) => invalid_spec(&invalid),
         E::NoDroplet(_) | E::NotFound(_) => Status::not_found(error.to_string()),
         E::Removed(_) => Status::failed_precondition(error.to_string()),
+        E::KeyReused => Status::already_exists(error.to_string()),
         E::Unreadable(_) => {
             tracing::error!(%error, "unreadable deployment");
             Status::internal("the deployment's stored spec cannot be read")
         }
         E::Database(error) => db_error(error),
     }
+}
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// How a change's command is to be issued, from the request.
+fn options(options: Option<proto::CommandOptions>, remote: Option<std::net::SocketAddr>) -> Result<Options, Status> {
+    let mut options = Options::try_from(options).map_err(Status::invalid_argument)?;
+    options.requested_by = remote.map(|a| format!("api {}", a.ip())).unwrap_or_else(|| "api".into());
+    Ok(options)
+}
+
+fn command_page_token(token: &str) -> Result<(DateTime<Utc>, Uuid), Status> {
+    let bad = || Status::invalid_argument("page_token: not a token this API issued");
+    let text = URL_SAFE_NO_PAD.decode(token).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(bad)?;
+    let rest = text.strip_prefix("commands/before/").ok_or_else(bad)?;
+    let (micros, id) = rest.split_once('/').ok_or_else(bad)?;
+    let at = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?;
+    Ok((at, Uuid::try_parse(id).map_err(|_| bad())?))
 }
 
 /// A grace period from the API: at most an hour (Docker counts it in whole seconds).
@@ -90,8 +111,8 @@ fn grace(grace: Option<prost_types::Duration>) -> Result<Option<prost_types::Dur
 }
 
 impl FleetApi {
-    async fn lifecycle(&self, id: Uuid, verb: Verb) -> Result<Response<Deployment>, Status> {
-        let deployment = deployments::lifecycle(&self.state, id, verb).await.map_err(deployment_status)?;
+    async fn lifecycle(&self, id: Uuid, verb: Verb, options: Options) -> Result<Response<Deployment>, Status> {
+        let deployment = deployments::lifecycle(&self.state, id, verb, &options).await.map_err(deployment_status)?;
         tracing::info!(deployment_id = %id, ?verb, "deployment lifecycle");
         Ok(Response::new(deployment))
     }
@@ -103,11 +124,14 @@ impl Fleet for FleetApi {
         &self,
         request: Request<CreateDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let droplet = DropletId::from_uuid(parse_id("droplet_id", &request.droplet_id)?);
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let created =
-            deployments::create(&self.state, droplet, &request.name, spec).await.map_err(deployment_status)?;
+            deployments::create(&self.state, droplet, &request.name, spec, &options(request.options, remote)?)
+                .await
+                .map_err(deployment_status)?;
         tracing::info!(deployment_id = %created.id, droplet_id = %droplet, "deployment created");
         Ok(Response::new(created))
     }
@@ -126,45 +150,138 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::StartDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let id = parse_id("id", &request.get_ref().id)?;
-        self.lifecycle(id, Verb::Start).await
+        let remote = request.remote_addr();
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        self.lifecycle(id, Verb::Start, options(request.options, remote)?).await
     }
 
     async fn stop_deployment(
         &self,
         request: Request<proto::StopDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Stop { grace: grace(request.grace)? }).await
+        self.lifecycle(id, Verb::Stop { grace: grace(request.grace)? }, options(request.options, remote)?).await
     }
 
     async fn restart_deployment(
         &self,
         request: Request<proto::RestartDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Restart { grace: grace(request.grace)? }).await
+        self.lifecycle(id, Verb::Restart { grace: grace(request.grace)? }, options(request.options, remote)?).await
     }
 
     async fn remove_deployment(
         &self,
         request: Request<proto::RemoveDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Remove { volumes: request.remove_volumes }).await
+        self.lifecycle(id, Verb::Remove { volumes: request.remove_volumes }, options(request.options, remote)?).await
     }
 
     async fn update_deployment(
         &self,
         request: Request<proto::UpdateDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let remote = request.remote_addr();
         let request = request.into_inner();
         let id = parse_id("id", &request.id)?;
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        Ok(Response::new(deployments::update(&self.state, id, spec).await.map_err(deployment_status)?))
+        let options = options(request.options, remote)?;
+        Ok(Response::new(deployments::update(&self.state, id, spec, &options).await.map_err(deployment_status)?))
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<proto::GetCommandRequest>,
+    ) -> Result<Response<proto::CommandRecord>, Status> {
+        let id = parse_id("id", &request.get_ref().id)?;
+        let row = commands::get(&self.db, id).await.map_err(db_error)?;
+        let row = row.ok_or_else(|| Status::not_found(format!("command {id} not found")))?;
+        Ok(Response::new(commands::to_proto(&row)))
+    }
+
+    async fn list_commands(
+        &self,
+        request: Request<proto::ListCommandsRequest>,
+    ) -> Result<Response<proto::ListCommandsResponse>, Status> {
+        let request = request.into_inner();
+        let optional = |field: &str, value: &str| {
+            if value.is_empty() { Ok(None) } else { parse_id(field, value).map(Some) }
+        };
+        let droplet = optional("droplet_id", &request.droplet_id)?;
+        let deployment = optional("deployment_id", &request.deployment_id)?;
+        if droplet.is_none() && deployment.is_none() {
+            return Err(Status::invalid_argument("droplet_id, deployment_id: give at least one"));
+        }
+        let state = match request.state() {
+            proto::command_record::State::Unspecified => None,
+            state => Some(state.as_str_name().trim_start_matches("STATE_").to_lowercase()),
+        };
+        let limit = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Status::invalid_argument(format!("page_size: at most {MAX_PAGE_SIZE}")));
+            }
+            n => n,
+        };
+        let before = if request.page_token.is_empty() { None } else { Some(command_page_token(&request.page_token)?) };
+        let rows = commands::list(&self.db, droplet, deployment, state.as_deref(), before, i64::from(limit) + 1)
+            .await
+            .map_err(db_error)?;
+        let more = rows.len() > limit as usize;
+        let rows = &rows[..rows.len().min(limit as usize)];
+        let next_page_token = match rows.last() {
+            Some(last) if more => {
+                URL_SAFE_NO_PAD.encode(format!("commands/before/{}/{}", last.created_at.timestamp_micros(), last.id))
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListCommandsResponse {
+            commands: rows.iter().map(commands::to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn wait_command(
+        &self,
+        request: Request<proto::WaitCommandRequest>,
+    ) -> Result<Response<proto::CommandRecord>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        let timeout = match request.timeout.map(Duration::try_from) {
+            None => DEFAULT_WAIT,
+            Some(Ok(t)) if t <= MAX_WAIT => t,
+            Some(_) => return Err(Status::invalid_argument("timeout: must be between 0 and 5 minutes")),
+        };
+        // Subscribed before reading, so a completion in between is not missed.
+        let mut done = self.state.completions.subscribe();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = commands::get(&self.db, id).await.map_err(db_error)?;
+            let row = row.ok_or_else(|| Status::not_found(format!("command {id} not found")))?;
+            if commands::is_final(&row.state) {
+                return Ok(Response::new(commands::to_proto(&row)));
+            }
+            loop {
+                match tokio::time::timeout_at(until, done.recv()).await {
+                    Err(_) => return Ok(Response::new(commands::to_proto(&row))),
+                    Ok(Ok(finished)) if finished != id && !finished.is_nil() => continue,
+                    // Ours, "any" (the listener reconnected), or missed some: read again.
+                    Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                        return Err(Status::unavailable("the control plane is shutting down"));
+                    }
+                }
+            }
+        }
     }
 
     async fn inspect_deployment(

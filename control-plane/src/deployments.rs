@@ -6,13 +6,17 @@
 
 use flotilla::{
     DropletId,
-    proto::{self, Command, ContainerStatus, Deploy, command, control_message},
+    proto::{self, ContainerStatus, Deploy, command},
     spec::{DeploymentSpec, SpecError},
 };
 use prost::Message as _;
 use uuid::Uuid;
 
-use crate::{state::State, store};
+use crate::{
+    commands::{self, Options},
+    state::State,
+    store,
+};
 
 fn seal_context(id: Uuid) -> Vec<u8> {
     [b"flotilla/deployment-spec/".as_slice(), id.as_bytes()].concat()
@@ -30,6 +34,8 @@ pub enum DeploymentError {
     Unreadable(Uuid),
     #[error("deployment {0} was removed")]
     Removed(Uuid),
+    #[error("options.idempotency_key: this key was already used on this droplet for another change")]
+    KeyReused,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -43,18 +49,11 @@ pub enum Verb {
     Remove { volumes: bool },
 }
 
-/// Sends a command to the droplet's live session, if it has one here.
-fn dispatch(state: &State, droplet: DropletId, deployment: Uuid, kind: command::Kind) {
-    let command = Command { id: Uuid::new_v4().to_string(), deadline: None, kind: Some(kind) };
-    if !state.sessions.send(droplet, control_message::Kind::Command(command)) {
-        tracing::info!(droplet_id = %droplet, deployment_id = %deployment, "droplet not connected; the command waits for the command ledger");
-    }
-}
-
 /// Host ports `spec` publishes that another live deployment on the droplet already
 /// publishes, as field violations.
 async fn host_port_conflicts(
     state: &State,
+    conn: &mut sqlx::PgConnection,
     droplet: DropletId,
     this: Uuid,
     spec: &DeploymentSpec,
@@ -69,7 +68,7 @@ async fn host_port_conflicts(
         return Ok(());
     }
     let mut violations = Vec::new();
-    for row in store::live_deployments_of(&state.db, droplet.as_uuid()).await? {
+    for row in store::live_deployments_of(&mut *conn, droplet.as_uuid()).await? {
         if row.id == this {
             continue;
         }
@@ -92,19 +91,37 @@ async fn host_port_conflicts(
     if violations.is_empty() { Ok(()) } else { Err(SpecError { violations }.into()) }
 }
 
-/// Records the new desired state and sends the command.
-pub async fn lifecycle(state: &State, id: Uuid, verb: Verb) -> Result<proto::Deployment, DeploymentError> {
-    let (desired, retry) = match verb {
-        Verb::Start | Verb::Restart { .. } => ("running", true),
-        Verb::Stop { .. } => ("stopped", false),
-        Verb::Remove { .. } => ("removed", false),
+/// Records the new desired state and queues the command, in one transaction.
+pub async fn lifecycle(
+    state: &State,
+    id: Uuid,
+    verb: Verb,
+    options: &Options,
+) -> Result<proto::Deployment, DeploymentError> {
+    let (desired, retry, kind_name) = match verb {
+        Verb::Start => ("running", true, "start"),
+        Verb::Restart { .. } => ("running", true, "restart"),
+        Verb::Stop { .. } => ("stopped", false, "stop"),
+        Verb::Remove { .. } => ("removed", false, "remove"),
     };
-    let Some(row) = store::set_desired_state(&state.db, id, desired, retry).await? else {
-        return Err(match store::get_deployment(&state.db, id).await? {
+    let droplet = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?.droplet_id;
+    let mut tx = state.db.begin().await?;
+    commands::lock_droplet(&mut tx, droplet).await?.ok_or(DeploymentError::NotFound(id))?;
+    if let Some(key) = &options.idempotency_key
+        && let Some(earlier) = commands::by_key(&mut tx, droplet, key).await?
+    {
+        tx.commit().await?;
+        if earlier.deployment_id != Some(id) || earlier.kind != kind_name {
+            return Err(DeploymentError::KeyReused);
+        }
+        return get(state, id).await;
+    }
+    if store::set_desired_state(&mut *tx, id, desired, retry).await?.is_none() {
+        return Err(match store::get_deployment(&mut *tx, id).await? {
             Some(_) => DeploymentError::Removed(id),
             None => DeploymentError::NotFound(id),
         });
-    };
+    }
     let deployment_id = id.to_string();
     let kind = match verb {
         Verb::Start => command::Kind::Start(proto::Start { deployment_id }),
@@ -112,7 +129,8 @@ pub async fn lifecycle(state: &State, id: Uuid, verb: Verb) -> Result<proto::Dep
         Verb::Restart { grace } => command::Kind::Restart(proto::Restart { deployment_id, grace }),
         Verb::Remove { volumes } => command::Kind::Remove(proto::Remove { deployment_id, remove_volumes: volumes }),
     };
-    dispatch(state, DropletId::from_uuid(row.droplet_id), id, kind);
+    commands::issue(&mut tx, droplet, Some(id), kind, options).await?;
+    tx.commit().await?;
     get(state, id).await
 }
 
@@ -122,21 +140,36 @@ pub async fn update(
     state: &State,
     id: Uuid,
     spec: proto::DeploymentSpec,
+    options: &Options,
 ) -> Result<proto::Deployment, DeploymentError> {
     let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
+    let droplet = DropletId::from_uuid(row.droplet_id);
+    let mut tx = state.db.begin().await?;
+    commands::lock_droplet(&mut tx, droplet.as_uuid()).await?.ok_or(DeploymentError::NotFound(id))?;
+    if let Some(key) = &options.idempotency_key
+        && let Some(earlier) = commands::by_key(&mut tx, droplet.as_uuid(), key).await?
+    {
+        tx.commit().await?;
+        if earlier.deployment_id != Some(id) || earlier.kind != "deploy" {
+            return Err(DeploymentError::KeyReused);
+        }
+        return get(state, id).await;
+    }
+    // Read again under the lock: the generation to follow is the latest.
+    let row = store::get_deployment(&mut *tx, id).await?.ok_or(DeploymentError::NotFound(id))?;
     if row.desired_state == "removed" {
         return Err(DeploymentError::Removed(id));
     }
     let spec = keep_masked_secrets(spec, &open(state, &row)?);
     let validated = DeploymentSpec::try_from(spec.clone())?;
-    let droplet = DropletId::from_uuid(row.droplet_id);
-    host_port_conflicts(state, droplet, id, &validated).await?;
+    host_port_conflicts(state, &mut tx, droplet, id, &validated).await?;
     let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
-    let row = store::update_deployment_spec(&state.db, id, &sealed).await?.ok_or(DeploymentError::Removed(id))?;
+    let row = store::update_deployment_spec(&mut *tx, id, &sealed).await?.ok_or(DeploymentError::Removed(id))?;
     let generation = u64::try_from(row.generation).unwrap_or(0);
+    let deploy = Deploy { deployment_id: id.to_string(), generation, spec: None };
+    commands::issue(&mut tx, droplet.as_uuid(), Some(id), command::Kind::Deploy(deploy), options).await?;
+    tx.commit().await?;
     tracing::info!(deployment_id = %id, generation, "deployment updated");
-    let deploy = Deploy { deployment_id: id.to_string(), generation, spec: Some(spec) };
-    dispatch(state, droplet, id, command::Kind::Deploy(deploy));
     get(state, id).await
 }
 
@@ -165,23 +198,60 @@ fn open(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSp
     proto::DeploymentSpec::decode(bytes.as_slice()).map_err(|_| DeploymentError::Unreadable(row.id))
 }
 
-/// Validates, stores at generation 1, and sends `Deploy` if the droplet is connected here.
+/// Validates, stores at generation 1 and queues its `Deploy`, in one transaction. With an
+/// idempotency key already used on the droplet, returns the deployment that key made.
 pub async fn create(
     state: &State,
     droplet: DropletId,
     name: &str,
     spec: proto::DeploymentSpec,
+    options: &Options,
 ) -> Result<proto::Deployment, DeploymentError> {
     let validated = DeploymentSpec::try_from(spec.clone())?;
+    let mut tx = state.db.begin().await?;
+    commands::lock_droplet(&mut tx, droplet.as_uuid()).await?.ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
+    if let Some(key) = &options.idempotency_key
+        && let Some(earlier) = commands::by_key(&mut tx, droplet.as_uuid(), key).await?
+    {
+        tx.commit().await?;
+        let deployment = earlier.deployment_id.ok_or(DeploymentError::KeyReused)?;
+        if earlier.kind != "deploy" {
+            return Err(DeploymentError::KeyReused);
+        }
+        return get(state, deployment).await;
+    }
     let id = Uuid::new_v4();
-    host_port_conflicts(state, droplet, id, &validated).await?;
+    host_port_conflicts(state, &mut tx, droplet, id, &validated).await?;
     let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
-    let row = store::insert_deployment(&state.db, id, droplet.as_uuid(), name, &sealed)
+    let row = store::insert_deployment(&mut *tx, id, droplet.as_uuid(), name, &sealed)
         .await?
         .ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
-    let deploy = Deploy { deployment_id: id.to_string(), generation: 1, spec: Some(spec) };
-    dispatch(state, droplet, id, command::Kind::Deploy(deploy));
-    to_proto(state, row, None)
+    // The spec stays sealed in the deployment; the command names the generation.
+    let deploy = Deploy { deployment_id: id.to_string(), generation: 1, spec: None };
+    let command = commands::issue(&mut tx, droplet.as_uuid(), Some(id), command::Kind::Deploy(deploy), options).await?;
+    tx.commit().await?;
+    let mut deployment = to_proto(state, row, None)?;
+    deployment.last_command_id = command.id.to_string();
+    Ok(deployment)
+}
+
+/// The spec of `generation` of a deployment, for its `Deploy` command; `Ok(Err(why))`
+/// when that generation is no longer wanted.
+pub async fn spec_for(
+    state: &State,
+    id: Uuid,
+    generation: u64,
+) -> Result<Result<proto::DeploymentSpec, String>, DeploymentError> {
+    let Some(row) = store::get_deployment(&state.db, id).await? else {
+        return Ok(Err("its deployment was deleted".into()));
+    };
+    if row.desired_state == "removed" {
+        return Ok(Err("its deployment was removed".into()));
+    }
+    if u64::try_from(row.generation).ok() != Some(generation) {
+        return Ok(Err(format!("superseded by generation {}", row.generation)));
+    }
+    open(state, &row).map(Ok)
 }
 
 /// The tools the deployment's MCP server listed the last time the probe reached it.
@@ -209,7 +279,10 @@ pub async fn get(state: &State, id: Uuid) -> Result<proto::Deployment, Deploymen
     let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
     let container =
         store::container_status(&state.db, id).await?.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
-    to_proto(state, row, container)
+    let mut deployment = to_proto(state, row, container)?;
+    deployment.last_command_id =
+        commands::last_of_deployment(&state.db, id).await?.map(|c| c.to_string()).unwrap_or_default();
+    Ok(deployment)
 }
 
 fn to_proto(
@@ -238,6 +311,7 @@ fn to_proto(
         updated_at: Some(crate::api::timestamp(row.updated_at)),
         last_error: row.last_error,
         failed: row.failed,
+        last_command_id: String::new(),
     })
 }
 

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
-    deployments,
+    commands, deployments,
     enrollment::{self, EnrollError},
     pki::CsrError,
     requests::AfterChunk,
@@ -156,12 +156,14 @@ impl Session {
         }
 
         let end = CancellationToken::new();
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let registered = self.state.sessions.register(
             droplet,
             self.session_id,
             self.peer.serial.clone(),
             self.outbound.clone(),
             end.clone(),
+            wake.clone(),
         );
         if let Some(old) = registered {
             tracing::info!(old_session = %old.session_id, "a new session displaced the old one");
@@ -184,7 +186,13 @@ impl Session {
             for container in &hello.inventory {
                 deployments::observe(&self.state, droplet, container).await;
             }
+            // Every unanswered command goes out again, in order; then new ones as they come.
+            let delivery = tokio::spawn(
+                commands::deliver(self.state.clone(), droplet, self.outbound.clone(), wake, end.child_token())
+                    .in_current_span(),
+            );
             self.serve(&mut inbound, &end).await;
+            delivery.abort();
         }
 
         if let Some(pending) = self.state.sessions.remove(droplet, self.session_id) {
@@ -284,10 +292,22 @@ impl Session {
                 }
             }
             Some(agent_message::Kind::RenewCertificate(renew)) => self.renew(&renew.csr_pem).await,
+            Some(agent_message::Kind::CommandAck(ack)) => {
+                if let Ok(id) = uuid::Uuid::try_parse(&ack.command_id)
+                    && let Err(error) = commands::acked(&self.state.db, droplet, id).await
+                {
+                    tracing::warn!(%error, "could not record an acknowledgement");
+                }
+            }
             Some(agent_message::Kind::CommandResult(result)) => {
                 if let Some(container) = &result.container {
                     deployments::observe(&self.state, droplet, container).await;
                 }
+                if let Err(error) = commands::finished(&self.state.db, droplet, &result).await {
+                    tracing::warn!(%error, "could not record a command's result");
+                }
+                // Room in the window: the next commands may go.
+                self.state.sessions.wake(droplet);
                 if !result.success {
                     tracing::warn!(command_id = %result.command_id, "command failed: {}", result.message);
                     let named = match &result.container {
@@ -322,9 +342,6 @@ impl Session {
             }
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("ignored a second Hello in one session");
-            }
-            Some(other) => {
-                tracing::debug!(kind = ?std::mem::discriminant(&other), "ignored a message this control plane does not handle yet");
             }
             None => tracing::debug!("ignored an empty message"),
         }

@@ -4,6 +4,7 @@
 //! `serve` is the whole server; `main.rs` only parses flags, binds and waits for a signal.
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod deployments;

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 
 use crate::{
     api::FleetApi,
+    commands::{self, Completions},
     config::Timing,
     crypto::MasterKey,
     gateway::Gateway,
@@ -93,6 +94,7 @@ pub async fn serve(
         revocations,
         cert_validity: config.cert_validity,
         master_key: config.master_key.clone(),
+        completions: Completions::default(),
     };
 
     let stop_accepting = CancellationToken::new();
@@ -109,6 +111,15 @@ pub async fn serve(
     )
     .await
     .context("listening for revocations")?;
+    commands::spawn_listener(
+        state.db.clone(),
+        state.sessions.clone(),
+        state.completions.clone(),
+        stop_background.clone(),
+        &mut background,
+    )
+    .await
+    .context("listening for commands")?;
 
     let agent_addr = listeners.agent.local_addr()?;
     let api_addr = listeners.api.local_addr()?;

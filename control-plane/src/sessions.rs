@@ -14,7 +14,10 @@ use flotilla::{
     DropletId,
     proto::{ControlMessage, Goodbye, HostLoad, control_message, goodbye::Reason},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
@@ -48,6 +51,8 @@ struct Entry {
     pending: Option<SeenLoad>,
     /// Live requests sent on this session and not yet answered.
     requests: PendingRequests,
+    /// Wakes the session's command delivery.
+    wake: Arc<Notify>,
 }
 
 /// A session that `register` displaced.
@@ -105,6 +110,7 @@ impl Sessions {
         serial: String,
         outbound: Outbound,
         end: CancellationToken,
+        wake: Arc<Notify>,
     ) -> Option<Displaced> {
         let entry = Entry {
             session_id,
@@ -115,6 +121,7 @@ impl Sessions {
             unreachable: false,
             pending: None,
             requests: PendingRequests::default(),
+            wake,
         };
         self.lock().insert(droplet, entry).map(|old| Displaced {
             session_id: old.session_id,
@@ -227,6 +234,19 @@ impl Sessions {
         self.lock().get(&droplet).map_or(0, |e| e.requests.len())
     }
 
+    /// Wakes the droplet's command delivery, if its session is here.
+    pub fn wake(&self, droplet: DropletId) {
+        if let Some(entry) = self.lock().get(&droplet) {
+            entry.wake.notify_one();
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for entry in self.lock().values() {
+            entry.wake.notify_one();
+        }
+    }
+
     /// Says goodbye to every session; `goodbye` makes each one's message.
     pub fn close_all(&self, mut goodbye: impl FnMut() -> Goodbye) {
         for entry in self.lock().values() {
@@ -261,7 +281,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let end = CancellationToken::new();
         let id = Uuid::new_v4();
-        assert!(sessions.register(droplet, id, "01".into(), tx, end.clone()).is_none());
+        assert!(sessions.register(droplet, id, "01".into(), tx, end.clone(), Arc::default()).is_none());
         (id, rx, end)
     }
 
@@ -299,7 +319,7 @@ mod tests {
         let (old, mut old_rx, old_end) = entry(&sessions, droplet);
         let (tx, _rx) = mpsc::channel(4);
         let new = Uuid::new_v4();
-        let displaced = sessions.register(droplet, new, "02".into(), tx, CancellationToken::new());
+        let displaced = sessions.register(droplet, new, "02".into(), tx, CancellationToken::new(), Arc::default());
         let displaced = displaced.expect("the old session is displaced");
         assert_eq!(displaced.session_id, old);
         displaced.close(Goodbye::default());

@@ -4,7 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 
-use crate::{config::Timing, crypto::MasterKey, pki::Authorities, revocation::Revocations, sessions::Sessions};
+use crate::{
+    commands::Completions, config::Timing, crypto::MasterKey, pki::Authorities, revocation::Revocations,
+    sessions::Sessions,
+};
 
 #[derive(Clone)]
 pub struct State {
@@ -18,6 +21,8 @@ pub struct State {
     pub cert_validity: Duration,
     /// Seals deployment specs (they may carry secrets).
     pub master_key: Arc<MasterKey>,
+    /// Commands reaching a final state, for `WaitCommand`.
+    pub completions: Completions,
 }
 
 impl State {

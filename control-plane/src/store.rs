@@ -634,7 +634,7 @@ pub async fn mark_deployment_failed(db: &PgPool, id: Uuid, droplet: Uuid, why: &
 
 /// Stores a new deployment at generation 1. `None` if the droplet does not exist.
 pub async fn insert_deployment(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     id: Uuid,
     droplet: Uuid,
     name: &str,
@@ -657,7 +657,7 @@ pub async fn insert_deployment(
 /// the container to run again). A removed deployment stays removed: `None` then, as for
 /// an unknown one.
 pub async fn set_desired_state(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     id: Uuid,
     desired: &str,
     retry: bool,
@@ -677,7 +677,11 @@ pub async fn set_desired_state(
 
 /// Stores a new spec as the next generation, to run. `None` if the deployment is unknown
 /// or removed.
-pub async fn update_deployment_spec(db: &PgPool, id: Uuid, spec_sealed: &[u8]) -> sqlx::Result<Option<DeploymentRow>> {
+pub async fn update_deployment_spec(
+    db: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+    spec_sealed: &[u8],
+) -> sqlx::Result<Option<DeploymentRow>> {
     sqlx::query_as(
         "UPDATE deployments SET spec_sealed = $2, generation = generation + 1, desired_state = 'running',
              failed = false, last_error = '', updated_at = now()
@@ -691,14 +695,14 @@ pub async fn update_deployment_spec(db: &PgPool, id: Uuid, spec_sealed: &[u8]) -
 }
 
 /// The deployments of a droplet that are not removed (to check host ports against).
-pub async fn live_deployments_of(db: &PgPool, droplet: Uuid) -> sqlx::Result<Vec<DeploymentRow>> {
+pub async fn live_deployments_of(db: impl sqlx::PgExecutor<'_>, droplet: Uuid) -> sqlx::Result<Vec<DeploymentRow>> {
     sqlx::query_as("SELECT * FROM deployments WHERE droplet_id = $1 AND desired_state <> 'removed' ORDER BY id")
         .bind(droplet)
         .fetch_all(db)
         .await
 }
 
-pub async fn get_deployment(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DeploymentRow>> {
+pub async fn get_deployment(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<DeploymentRow>> {
     sqlx::query_as("SELECT * FROM deployments WHERE id = $1").bind(id).fetch_optional(db).await
 }
 

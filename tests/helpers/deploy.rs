@@ -82,7 +82,12 @@ pub async fn deploy_and_wait_healthy(
     droplet: DropletId,
     spec: DeploymentSpec,
 ) -> anyhow::Result<Deployment> {
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(spec),
+        options: None,
+    };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     wait_for("the deployment to be healthy", WITHIN, || async {
         let d = deployment(cp, &created.id).await?;
@@ -106,7 +111,12 @@ pub fn with_env(mut spec: DeploymentSpec, vars: &[(&str, &str)]) -> DeploymentSp
 
 /// Creates a deployment through the API.
 pub async fn create(cp: &TestControlPlane, droplet: DropletId, spec: DeploymentSpec) -> anyhow::Result<Deployment> {
-    let request = CreateDeploymentRequest { droplet_id: droplet.to_string(), name: String::new(), spec: Some(spec) };
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(spec),
+        options: None,
+    };
     Ok(cp.fleet().await?.create_deployment(request).await?.into_inner())
 }
 

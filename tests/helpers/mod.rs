@@ -301,7 +301,10 @@ impl TestControlPlane {
 
     pub async fn agent_with(&self, droplet: DropletId, docker_socket: &str) -> anyhow::Result<TestAgent> {
         let credentials = self.credentials(droplet).await?;
-        Ok(self.spawn_agent(IdentitySource::Fixed(credentials), docker_socket))
+        // The droplet's own state dir, the same for every agent of this droplet: an agent
+        // started again finds its record of applied commands, as on a real droplet.
+        let state_dir = std::env::temp_dir().join(format!("flotilla-agent-{droplet}"));
+        Ok(self.spawn_agent(IdentitySource::Fixed(credentials), docker_socket, Some(state_dir)))
     }
 
     /// An in-process agent keeping its credentials in `state_dir`, enrolling with `token`
@@ -313,10 +316,10 @@ impl TestControlPlane {
             trust: Trust::Pin(flotilla_agent::enroll::pin_from_token(token).unwrap_or_default()),
         });
         let identity = IdentitySource::StateDir { store: Store::new(state_dir), enrollment };
-        self.spawn_agent(identity, "/var/run/docker.sock")
+        self.spawn_agent(identity, "/var/run/docker.sock", Some(state_dir.to_owned()))
     }
 
-    fn spawn_agent(&self, identity: IdentitySource, docker_socket: &str) -> TestAgent {
+    fn spawn_agent(&self, identity: IdentitySource, docker_socket: &str, state_dir: Option<PathBuf>) -> TestAgent {
         let config = AgentConfig {
             control_plane: self.agent_url(),
             server_name: None,
@@ -325,6 +328,7 @@ impl TestControlPlane {
             disk_path: "/".into(),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
+            state_dir,
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(flotilla_agent::run(config, stop.clone()));

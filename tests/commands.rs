@@ -1,0 +1,189 @@
+//! The command ledger: commands are rows before they are messages, delivered when the
+//! droplet is there, applied once, and never run after their deadline.
+
+mod helpers;
+
+use std::time::Duration;
+
+use flotilla::{
+    DropletId,
+    proto::{
+        CommandOptions, CommandRecord, CreateDeploymentRequest, GetCommandRequest, ListCommandsRequest,
+        RestartDeploymentRequest, StartDeploymentRequest, StopDeploymentRequest, WaitCommandRequest,
+        command_record::State,
+    },
+};
+use helpers::{
+    TestControlPlane, TestDb,
+    deploy::{Cleanup, Online, create, deployment, docker_inspect, seconds, test_server_spec},
+    fast_timing,
+};
+use tonic::Code;
+
+async fn wait(cp: &TestControlPlane, id: &str) -> anyhow::Result<CommandRecord> {
+    let request = WaitCommandRequest { id: id.into(), timeout: seconds(60) };
+    Ok(cp.fleet().await?.wait_command(request).await?.into_inner())
+}
+
+fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
+}
+
+/// A control plane and a droplet that has no agent yet.
+async fn offline() -> anyhow::Result<(TestDb, TestControlPlane, DropletId, Cleanup)> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    Ok((db, cp, droplet, Cleanup(droplet)))
+}
+
+fn key(key: &str) -> Option<CommandOptions> {
+    Some(CommandOptions { idempotency_key: key.into(), deadline: None })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_issued_while_the_droplet_is_offline_runs_once_when_it_returns() -> anyhow::Result<()> {
+    let (db, cp, droplet, _cleanup) = offline().await?;
+    let created = create(&cp, droplet, test_server_spec()).await?;
+    let command = cp.fleet().await?.get_command(GetCommandRequest { id: created.last_command_id.clone() }).await?;
+    let command = command.into_inner();
+    assert_eq!((command.state(), command.kind.as_str(), command.attempts), (State::Queued, "deploy", 0));
+    assert_eq!(command.deployment_id, created.id);
+    assert!(command.requested_by.starts_with("api "), "{}", command.requested_by);
+
+    let agent = cp.agent(droplet).await?;
+    let done = wait(&cp, &created.last_command_id).await?;
+    assert_eq!(done.state(), State::Succeeded, "{done:?}");
+    assert_eq!(done.attempts, 1, "sent once");
+    assert!(done.result.is_some_and(|c| c.name == format!("flotilla-{}-g1", created.id)));
+    assert_eq!(docker_ids(droplet)?.len(), 1, "one container");
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM events WHERE kind LIKE 'command.%' ORDER BY id")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(kinds, ["command.queued", "command.sent", "command.acked", "command.succeeded"]);
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_while_the_droplet_is_offline_expires_the_command_unrun() -> anyhow::Result<()> {
+    let (_db, cp, droplet, _cleanup) = offline().await?;
+    let deadline = std::time::SystemTime::now() + Duration::from_millis(500);
+    let request = CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: String::new(),
+        spec: Some(test_server_spec()),
+        options: Some(CommandOptions { idempotency_key: String::new(), deadline: Some(deadline.into()) }),
+    };
+    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let agent = cp.agent(droplet).await?;
+    let done = wait(&cp, &created.last_command_id).await?;
+    assert_eq!(done.state(), State::Expired, "{done:?}");
+    assert!(done.message.contains("deadline"), "{}", done.message);
+    // Given the agent time to have run it, had it been sent: nothing ran.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(docker_ids(droplet)?.is_empty(), "never run");
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_makes_one_command_even_at_the_same_moment() -> anyhow::Result<()> {
+    let (db, cp, droplet, _cleanup) = offline().await?;
+    let request = || CreateDeploymentRequest {
+        droplet_id: droplet.to_string(),
+        name: "once".into(),
+        spec: Some(test_server_spec()),
+        options: key("create-once"),
+    };
+    let (mut a, mut b) = (cp.fleet().await?, cp.fleet().await?);
+    let (first, second) = tokio::join!(a.create_deployment(request()), b.create_deployment(request()));
+    let (first, second) = (first?.into_inner(), second?.into_inner());
+    assert_eq!(first.id, second.id, "one deployment");
+    assert_eq!(first.last_command_id, second.last_command_id, "one command");
+    let counts: (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM deployments), (SELECT count(*) FROM commands)")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(counts, (1, 1));
+
+    let stop = || StopDeploymentRequest { id: first.id.clone(), grace: None, options: key("stop-once") };
+    let (x, y) = tokio::join!(a.stop_deployment(stop()), b.stop_deployment(stop()));
+    assert_eq!(x?.into_inner().last_command_id, y?.into_inner().last_command_id);
+    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands").fetch_one(&db.pool).await?;
+    assert_eq!(commands, 2);
+
+    // A key names one change: used for another, it is refused.
+    let reused = a.start_deployment(StartDeploymentRequest { id: first.id.clone(), options: key("stop-once") }).await;
+    let reused = reused.expect_err("the key belongs to the stop");
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    assert!(reused.message().contains("idempotency_key"), "{}", reused.message());
+
+    // Newest first, a page at a time.
+    let list = |page_token: String| ListCommandsRequest {
+        deployment_id: first.id.clone(),
+        page_size: 1,
+        page_token,
+        ..Default::default()
+    };
+    let page = a.list_commands(list(String::new())).await?.into_inner();
+    assert_eq!(page.commands.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>(), ["stop"]);
+    let page = a.list_commands(list(page.next_page_token)).await?.into_inner();
+    assert_eq!(page.commands.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>(), ["deploy"]);
+    assert!(page.next_page_token.is_empty());
+    let bad = a.list_commands(ListCommandsRequest::default()).await.expect_err("no filter");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_again_after_an_agent_restart_is_answered_from_its_record_not_run_again() -> anyhow::Result<()> {
+    let Online { db, cp, droplet, agent, _cleanup } = Online::start().await?;
+    let created = create(&cp, droplet, test_server_spec()).await?;
+    assert_eq!(wait(&cp, &created.last_command_id).await?.state(), State::Succeeded);
+    let restart = RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None };
+    let restarted = cp.fleet().await?.restart_deployment(restart).await?.into_inner();
+    let done = wait(&cp, &restarted.last_command_id).await?;
+    assert_eq!((done.state(), done.attempts), (State::Succeeded, 1));
+    let container = deployment(&cp, &created.id).await?.container.unwrap_or_default();
+    let started = docker_inspect(&container.container_id, "{{.State.StartedAt}}")?;
+
+    // The control plane never heard the answer (as if the agent died between applying the
+    // restart and reporting it): the command is open again, and the agent restarts.
+    agent.stop().await?;
+    sqlx::query("UPDATE commands SET state = 'sent', finished_at = NULL WHERE id = $1::uuid")
+        .bind(&restarted.last_command_id)
+        .execute(&db.pool)
+        .await?;
+    let agent = cp.agent(droplet).await?;
+    let again = wait(&cp, &restarted.last_command_id).await?;
+    assert_eq!((again.state(), again.attempts), (State::Succeeded, 2), "sent again, answered");
+    assert_eq!(docker_inspect(&container.container_id, "{{.State.StartedAt}}")?, started, "not restarted twice");
+    assert_eq!(docker_ids(droplet)?, std::slice::from_ref(&container.container_id));
+    agent.stop().await?;
+    cp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_on_a_command_returns_at_its_timeout_when_it_is_not_done() -> anyhow::Result<()> {
+    let (_db, cp, droplet, _cleanup) = offline().await?;
+    let created = create(&cp, droplet, test_server_spec()).await?;
+    let request = WaitCommandRequest { id: created.last_command_id.clone(), timeout: seconds(1) };
+    let waited = cp.fleet().await?.wait_command(request).await?.into_inner();
+    assert_eq!(waited.state(), State::Queued);
+    let missing = WaitCommandRequest { id: uuid::Uuid::new_v4().to_string(), timeout: seconds(1) };
+    assert_eq!(cp.fleet().await?.wait_command(missing).await.expect_err("unknown").code(), Code::NotFound);
+    let long = WaitCommandRequest { id: created.last_command_id, timeout: seconds(3600) };
+    assert_eq!(cp.fleet().await?.wait_command(long).await.expect_err("too long").code(), Code::InvalidArgument);
+    cp.stop().await?;
+    Ok(())
+}
