@@ -3,7 +3,7 @@
 //! A control plane talks to agents one minor version behind or ahead of its own, and
 //! refuses others with a `Goodbye` naming the version to run.
 
-use crate::proto::ProtocolVersion;
+use crate::proto::{ProtocolVersion, command};
 
 /// The protocol this build speaks.
 pub const CURRENT: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
@@ -16,6 +16,23 @@ pub fn compatible(ours: &ProtocolVersion, theirs: &ProtocolVersion) -> bool {
 impl std::fmt::Display for ProtocolVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl command::Kind {
+    /// The kind's name in the ledger, events and logs: "deploy", "stop", "fetch-logs", ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Deploy(_) => "deploy",
+            Self::Start(_) => "start",
+            Self::Stop(_) => "stop",
+            Self::Restart(_) => "restart",
+            Self::Remove(_) => "remove",
+            Self::CheckHealth(_) => "check-health",
+            Self::FetchLogs(_) => "fetch-logs",
+            Self::CancelLogs(_) => "cancel-logs",
+            Self::Inspect(_) => "inspect",
+        }
     }
 }
 

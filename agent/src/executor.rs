@@ -187,7 +187,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wi
             return failed(&id, is_command, format!("the Docker engine is unavailable: {why}"), None);
         }
     };
-    tracing::info!(command_id = %id, kind = kind_name(&kind), "running");
+    tracing::info!(command_id = %id, kind = kind.name(), "running");
     let outcome: Result<Option<ContainerStatus>, (String, Option<Uuid>)> = match &kind {
         command::Kind::Deploy(deploy) => match runtime::validate(deploy) {
             Err(invalid) => Err((invalid, None)),
@@ -326,18 +326,4 @@ async fn check_health(runtime: &Runtime, id: &str, deployment: Uuid) -> agent_me
     let mut container = target.status;
     container.mcp_server = outcome.server;
     reply(true, String::new(), Some(container), Some(health))
-}
-
-fn kind_name(kind: &command::Kind) -> &'static str {
-    match kind {
-        command::Kind::Deploy(_) => "deploy",
-        command::Kind::Start(_) => "start",
-        command::Kind::Stop(_) => "stop",
-        command::Kind::Restart(_) => "restart",
-        command::Kind::Remove(_) => "remove",
-        command::Kind::CheckHealth(_) => "check-health",
-        command::Kind::FetchLogs(_) => "fetch-logs",
-        command::Kind::CancelLogs(_) => "cancel-logs",
-        command::Kind::Inspect(_) => "inspect",
-    }
 }

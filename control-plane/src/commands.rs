@@ -25,7 +25,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{sessions::Outbound, state::State};
+use crate::{
+    notify::{Heard, hear},
+    sessions::Outbound,
+    state::State,
+};
 
 /// `NOTIFY` channel: a droplet (the payload) has new commands.
 pub const QUEUED_CHANNEL: &str = "flotilla_commands";
@@ -62,20 +66,6 @@ pub struct CommandRow {
 
 pub fn is_final(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "expired" | "cancelled")
-}
-
-fn kind_name(kind: &command::Kind) -> &'static str {
-    match kind {
-        command::Kind::Deploy(_) => "deploy",
-        command::Kind::Start(_) => "start",
-        command::Kind::Stop(_) => "stop",
-        command::Kind::Restart(_) => "restart",
-        command::Kind::Remove(_) => "remove",
-        command::Kind::CheckHealth(_) => "check-health",
-        command::Kind::FetchLogs(_) => "fetch-logs",
-        command::Kind::CancelLogs(_) => "cancel-logs",
-        command::Kind::Inspect(_) => "inspect",
-    }
 }
 
 /// Options from the API, checked.
@@ -133,7 +123,7 @@ pub async fn issue(
     options: &Options,
 ) -> sqlx::Result<CommandRow> {
     let id = Uuid::new_v4();
-    let name = kind_name(&kind);
+    let name = kind.name();
     // A newer generation supersedes an older one not yet on its way.
     if let (command::Kind::Deploy(deploy), Some(deployment)) = (&kind, deployment) {
         let superseded: Vec<Uuid> = sqlx::query_scalar(
@@ -463,13 +453,9 @@ pub async fn spawn_listener(
     let mut listener = PgListener::connect_with(&db).await?;
     listener.listen_all([QUEUED_CHANNEL, DONE_CHANNEL]).await?;
     tasks.spawn(async move {
-        loop {
-            let received = tokio::select! {
-                () = stop.cancelled() => break,
-                received = listener.try_recv() => received,
-            };
-            match received {
-                Ok(Some(notification)) => {
+        while let Some(heard) = hear(&mut listener, &stop, "command").await {
+            match heard {
+                Heard::Notification(notification) => {
                     let payload = notification.payload();
                     if notification.channel() == QUEUED_CHANNEL {
                         if let Ok(droplet) = payload.parse::<DropletId>() {
@@ -479,16 +465,10 @@ pub async fn spawn_listener(
                         let _ = completions.tx.send(id);
                     }
                 }
-                Ok(None) => {
-                    // Notifications may have been lost: every session and every waiter
-                    // looks again (the nil id means "any command").
-                    tracing::warn!("lost the command listener's connection; waking every session");
+                // Every session and every waiter looks again (the nil id: "any command").
+                Heard::Lost => {
                     sessions.wake_all();
                     let _ = completions.tx.send(Uuid::nil());
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "command listener failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }

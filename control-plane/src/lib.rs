@@ -12,6 +12,7 @@ pub mod enrollment;
 pub mod gateway;
 pub mod live;
 pub mod liveness;
+pub mod notify;
 pub mod pki;
 pub mod requests;
 pub mod revocation;

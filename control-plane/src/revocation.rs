@@ -9,7 +9,6 @@
 use std::{
     collections::HashSet,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use flotilla::{DropletId, proto::goodbye::Reason};
@@ -23,7 +22,12 @@ use sqlx::{PgPool, postgres::PgListener};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{pki::serial_of, sessions::Sessions, store};
+use crate::{
+    notify::{Heard, hear},
+    pki::serial_of,
+    sessions::Sessions,
+    store,
+};
 
 /// The revoked serials this process knows of. Cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -67,13 +71,9 @@ pub async fn spawn_listener(
     // Listening first, then reading: nothing revoked in between is missed.
     revocations.reload(&db).await?;
     tasks.spawn(async move {
-        loop {
-            let received = tokio::select! {
-                () = stop.cancelled() => break,
-                received = listener.try_recv() => received,
-            };
-            match received {
-                Ok(Some(notification)) => {
+        while let Some(heard) = hear(&mut listener, &stop, "revocation").await {
+            match heard {
+                Heard::Notification(notification) => {
                     let Some((serial, droplet)) = notification.payload().split_once(':') else { continue };
                     revocations.insert(serial.to_owned());
                     if let Ok(droplet) = droplet.parse::<DropletId>()
@@ -87,15 +87,10 @@ pub async fn spawn_listener(
                         tracing::info!(droplet_id = %droplet, %serial, "closed the session of a revoked certificate");
                     }
                 }
-                Ok(None) => {
-                    tracing::warn!("lost the revocation listener's connection; reloading revocations");
+                Heard::Lost => {
                     if let Err(error) = revocations.reload(&db).await {
                         tracing::error!(%error, "could not reload revocations");
                     }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "revocation listener failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
