@@ -315,11 +315,6 @@ impl Monitor {
                             format!("the health probe failed {} times in a row: {}", state.failures, outcome.detail);
                         let (action, detail) = if heal.restarts >= target.probe.max_restarts {
                             heal.given_up = true;
-                            if let Some(deployment) = deployment
-                                && let Err(error) = runtime.stop(deployment, Duration::from_secs(10)).await
-                            {
-                                tracing::warn!("could not stop a container that keeps failing: {error}");
-                            }
                             (
                                 "crash_loop",
                                 format!("{why}; still unhealthy after {} restarts, left stopped", heal.restarts),
@@ -361,6 +356,15 @@ impl Monitor {
                             };
                             if wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
                                 return;
+                            }
+                            // Stopped after the verdict went out: the control plane marks
+                            // the deployment failed before it sees the container stop, so
+                            // nothing starts it again.
+                            if action == "crash_loop"
+                                && let Some(deployment) = deployment
+                                && let Err(error) = runtime.stop(deployment, Duration::from_secs(10)).await
+                            {
+                                tracing::warn!("could not stop a container that keeps failing: {error}");
                             }
                             continue;
                         }

@@ -201,6 +201,10 @@ pub struct Timing {
     /// How long a new session may take to say `Hello`.
     #[arg(long, env = "FLOTILLA_HELLO_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub hello_timeout: Duration,
+    /// How often the deployments of connected droplets are compared with what the
+    /// droplets report, and corrected.
+    #[arg(long, env = "FLOTILLA_RECONCILE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
 }
 
 impl Default for Timing {
@@ -213,6 +217,7 @@ impl Default for Timing {
             reconnect_spread: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(30),
         }
     }
 }
@@ -229,6 +234,7 @@ impl Timing {
             ("--heartbeat-interval", self.heartbeat_interval),
             ("--flush-interval", self.flush_interval),
             ("--hello-timeout", self.hello_timeout),
+            ("--reconcile-interval", self.reconcile_interval),
         ];
         for (flag, value) in positive {
             if value.is_zero() {

@@ -190,6 +190,11 @@ fn keep_masked_secrets(mut spec: proto::DeploymentSpec, stored: &proto::Deployme
     spec
 }
 
+/// The stored spec of a deployment, unsealed.
+pub fn spec_of(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSpec, DeploymentError> {
+    open(state, row)
+}
+
 fn open(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSpec, DeploymentError> {
     let bytes = state
         .master_key

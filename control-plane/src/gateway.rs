@@ -20,6 +20,7 @@ use crate::{
     commands, deployments,
     enrollment::{self, EnrollError},
     pki::CsrError,
+    reconcile,
     requests::AfterChunk,
     sessions::{Beat, Outbound},
     state::State,
@@ -185,6 +186,9 @@ impl Session {
         if self.send(control_message::Kind::Welcome(self.welcome())).await {
             for container in &hello.inventory {
                 deployments::observe(&self.state, droplet, container).await;
+            }
+            if let Err(error) = reconcile::droplet(&self.state, droplet, Some(&hello.inventory)).await {
+                tracing::warn!(%error, "could not reconcile the droplet's inventory");
             }
             // Every unanswered command goes out again, in order; then new ones as they come.
             let delivery = tokio::spawn(

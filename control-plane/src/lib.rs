@@ -14,6 +14,7 @@ pub mod live;
 pub mod liveness;
 pub mod notify;
 pub mod pki;
+pub mod reconcile;
 pub mod requests;
 pub mod revocation;
 pub mod server;

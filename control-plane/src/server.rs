@@ -22,6 +22,7 @@ use crate::{
     gateway::Gateway,
     liveness,
     pki::{self, Authorities},
+    reconcile,
     revocation::{self, Revocations},
     sessions::Sessions,
     state::State,
@@ -102,6 +103,7 @@ pub async fn serve(
     let stop_servers = CancellationToken::new();
     let mut background = JoinSet::new();
     liveness::spawn(&state, &stop_background, &mut background);
+    reconcile::spawn(&state, state.timing.reconcile_interval, &stop_background, &mut background);
     revocation::spawn_listener(
         state.db.clone(),
         state.revocations.clone(),

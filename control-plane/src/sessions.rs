@@ -234,6 +234,11 @@ impl Sessions {
         self.lock().get(&droplet).map_or(0, |e| e.requests.len())
     }
 
+    /// The droplets with a session here.
+    pub fn droplets(&self) -> Vec<DropletId> {
+        self.lock().keys().copied().collect()
+    }
+
     /// Wakes the droplet's command delivery, if its session is here.
     pub fn wake(&self, droplet: DropletId) {
         if let Some(entry) = self.lock().get(&droplet) {

@@ -92,6 +92,7 @@ pub fn fast_timing() -> Timing {
         reconnect_spread: Duration::from_millis(300),
         shutdown_grace: Duration::from_secs(3),
         hello_timeout: Duration::from_secs(3),
+        reconcile_interval: Duration::from_secs(1),
     }
 }
 
