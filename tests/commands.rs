@@ -15,7 +15,7 @@ use flotilla::{
 };
 use helpers::{
     TestControlPlane, TestDb,
-    deploy::{Cleanup, Online, create, deployment, docker_inspect, seconds, test_server_spec},
+    deploy::{Cleanup, Online, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec},
     fast_timing,
 };
 use tonic::Code;
@@ -23,13 +23,6 @@ use tonic::Code;
 async fn wait(cp: &TestControlPlane, id: &str) -> anyhow::Result<CommandRecord> {
     let request = WaitCommandRequest { id: id.into(), timeout: seconds(60) };
     Ok(cp.fleet().await?.wait_command(request).await?.into_inner())
-}
-
-fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
-    let out = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
 }
 
 /// A control plane and a droplet that has no agent yet.

@@ -14,17 +14,10 @@ use flotilla::{
 };
 use helpers::{
     TestControlPlane, TestDb,
-    deploy::{Online, WITHIN, create, deployment, docker_inspect, seconds, test_server_spec, wait_state},
+    deploy::{Online, WITHIN, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec, wait_state},
     fast_timing, wait_for,
 };
 use tonic::Code;
-
-fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
-    let out = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_start_restart_and_remove_through_the_api() -> anyhow::Result<()> {

@@ -5,13 +5,12 @@ mod helpers;
 
 use std::time::Duration;
 
-use flotilla::{
-    DropletId,
-    proto::{ContainerState, DeploymentSpec, ListCommandsRequest, StopDeploymentRequest, command_record::State},
+use flotilla::proto::{
+    ContainerState, DeploymentSpec, ListCommandsRequest, StopDeploymentRequest, command_record::State,
 };
 use helpers::{
     TestDb,
-    deploy::{Online, WITHIN, create, deployment, docker_inspect, test_server_spec, wait_state},
+    deploy::{Online, WITHIN, create, deployment, docker_ids, docker_inspect, test_server_spec, wait_state},
     wait_for,
 };
 
@@ -19,11 +18,6 @@ fn docker(args: &[&str]) -> anyhow::Result<String> {
     let out = std::process::Command::new("docker").args(args).output()?;
     anyhow::ensure!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
-    let ids = docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])?;
-    Ok(ids.split_whitespace().map(str::to_owned).collect())
 }
 
 async fn reconcile_events(db: &TestDb, deployment: &str) -> anyhow::Result<Vec<String>> {

@@ -128,3 +128,12 @@ pub async fn wait_state(cp: &TestControlPlane, id: &str, state: ContainerState) 
     .await?;
     deployment(cp, id).await
 }
+
+/// The ids of every container labelled with `droplet`, running or not.
+pub fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc", "--filter", &format!("label=dev.flotilla.droplet={droplet}")])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
+}
