@@ -114,7 +114,7 @@ pub async fn lifecycle(
         if earlier.deployment_id != Some(id) || earlier.kind != kind_name {
             return Err(DeploymentError::KeyReused);
         }
-        return get(state, id).await;
+        return answer(state, id, earlier.id).await;
     }
     if store::set_desired_state(&mut *tx, id, desired, retry).await?.is_none() {
         return Err(match store::get_deployment(&mut *tx, id).await? {
@@ -129,9 +129,16 @@ pub async fn lifecycle(
         Verb::Restart { grace } => command::Kind::Restart(proto::Restart { deployment_id, grace }),
         Verb::Remove { volumes } => command::Kind::Remove(proto::Remove { deployment_id, remove_volumes: volumes }),
     };
-    commands::issue(&mut tx, droplet, Some(id), kind, options).await?;
+    let command = commands::issue(&mut tx, droplet, Some(id), kind, options).await?;
     tx.commit().await?;
-    get(state, id).await
+    answer(state, id, command.id).await
+}
+
+/// The deployment as an answer to the call that issued `command`.
+async fn answer(state: &State, id: Uuid, command: Uuid) -> Result<proto::Deployment, DeploymentError> {
+    let mut deployment = get(state, id).await?;
+    deployment.last_command_id = command.to_string();
+    Ok(deployment)
 }
 
 /// A new spec, run as the next generation. Secret values sent back masked ("***") keep
@@ -153,7 +160,7 @@ pub async fn update(
         if earlier.deployment_id != Some(id) || earlier.kind != "deploy" {
             return Err(DeploymentError::KeyReused);
         }
-        return get(state, id).await;
+        return answer(state, id, earlier.id).await;
     }
     // Read again under the lock: the generation to follow is the latest.
     let row = store::get_deployment(&mut *tx, id).await?.ok_or(DeploymentError::NotFound(id))?;
@@ -167,10 +174,10 @@ pub async fn update(
     let row = store::update_deployment_spec(&mut *tx, id, &sealed).await?.ok_or(DeploymentError::Removed(id))?;
     let generation = u64::try_from(row.generation).unwrap_or(0);
     let deploy = Deploy { deployment_id: id.to_string(), generation, spec: None };
-    commands::issue(&mut tx, droplet.as_uuid(), Some(id), command::Kind::Deploy(deploy), options).await?;
+    let command = commands::issue(&mut tx, droplet.as_uuid(), Some(id), command::Kind::Deploy(deploy), options).await?;
     tx.commit().await?;
     tracing::info!(deployment_id = %id, generation, "deployment updated");
-    get(state, id).await
+    answer(state, id, command.id).await
 }
 
 /// Puts stored secret values back where the new spec carries the mask.
@@ -223,7 +230,7 @@ pub async fn create(
         if earlier.kind != "deploy" {
             return Err(DeploymentError::KeyReused);
         }
-        return get(state, deployment).await;
+        return answer(state, deployment, earlier.id).await;
     }
     let id = Uuid::new_v4();
     host_port_conflicts(state, &mut tx, droplet, id, &validated).await?;
