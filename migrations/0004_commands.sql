@@ -39,3 +39,4 @@ CREATE TABLE commands (
 CREATE INDEX commands_open ON commands (droplet_id, seq) WHERE state IN ('queued', 'sent', 'acked');
 CREATE INDEX commands_deployment ON commands (deployment_id, seq);
 CREATE INDEX commands_finished ON commands (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX events_at ON events (at);

@@ -180,3 +180,53 @@ async fn waiting_on_a_command_returns_at_its_timeout_when_it_is_not_done() -> an
     cp.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_commands_and_events_past_the_retention_are_pruned_and_open_ones_kept() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let timing = flotilla_control_plane::config::Timing {
+        retention: Duration::from_secs(3600),
+        prune_interval: Duration::from_millis(200),
+        ..fast_timing()
+    };
+    let cp = TestControlPlane::start(&db.pool, timing).await?;
+    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let open = create(&cp, droplet, test_server_spec()).await?;
+    let recent = create(&cp, droplet, test_server_spec()).await?;
+    // An open command two hours old stays; a recent finished one stays; 2,500 finished two
+    // hours ago (more than a batch) go, with the old events.
+    sqlx::query("UPDATE commands SET created_at = now() - interval '2 hours' WHERE id = $1::uuid;")
+        .bind(&open.last_command_id)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("UPDATE commands SET state = 'succeeded', finished_at = now() WHERE id = $1::uuid")
+        .bind(&recent.last_command_id)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO commands (id, account, droplet_id, seq, kind, payload, state, created_at, finished_at)
+         SELECT gen_random_uuid(), 'default', $1, 1000 + g, 'start', '', 'succeeded',
+                now() - interval '3 hours', now() - interval '2 hours'
+         FROM generate_series(1, 2500) g",
+    )
+    .bind(droplet.as_uuid())
+    .execute(&db.pool)
+    .await?;
+    sqlx::query("UPDATE events SET at = now() - interval '2 hours' WHERE kind = 'command.queued'")
+        .execute(&db.pool)
+        .await?;
+    helpers::wait_for("the old rows to be pruned", Duration::from_secs(30), || async {
+        let left: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM commands), (SELECT count(*) FROM events WHERE kind = 'command.queued')",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        Ok(left == (2, 0))
+    })
+    .await?;
+    let kept: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM commands ORDER BY seq").fetch_all(&db.pool).await?;
+    assert_eq!(kept, [open.last_command_id, recent.last_command_id]);
+    cp.stop().await?;
+    Ok(())
+}

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the agent port, the enrollment port and the fleet API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the fleet's certificate authorities.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -205,6 +205,12 @@ pub struct Timing {
     /// droplets report, and corrected.
     #[arg(long, env = "FLOTILLA_RECONCILE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
+    /// How long finished commands and events are kept.
+    #[arg(long, env = "FLOTILLA_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// How often what is older than the retention is pruned (in small batches).
+    #[arg(long, env = "FLOTILLA_PRUNE_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub prune_interval: Duration,
 }
 
 impl Default for Timing {
@@ -218,6 +224,8 @@ impl Default for Timing {
             shutdown_grace: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(30),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -235,6 +243,8 @@ impl Timing {
             ("--flush-interval", self.flush_interval),
             ("--hello-timeout", self.hello_timeout),
             ("--reconcile-interval", self.reconcile_interval),
+            ("--retention", self.retention),
+            ("--prune-interval", self.prune_interval),
         ];
         for (flag, value) in positive {
             if value.is_zero() {

@@ -16,6 +16,7 @@ pub mod notify;
 pub mod pki;
 pub mod reconcile;
 pub mod requests;
+pub mod retention;
 pub mod revocation;
 pub mod server;
 pub mod sessions;

@@ -41,7 +41,7 @@ async fn open(state: &StateArgs) -> anyhow::Result<(PgPool, MasterKey)> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => run_serve(args).await,
+        Command::Serve(args) => run_serve(*args).await,
         Command::Ca(command) => run_ca(command).await,
         Command::Token(command) => run_token(command).await,
         Command::Droplet(DropletCommand::Delete { state, id }) => {

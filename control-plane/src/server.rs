@@ -22,7 +22,7 @@ use crate::{
     gateway::Gateway,
     liveness,
     pki::{self, Authorities},
-    reconcile,
+    reconcile, retention,
     revocation::{self, Revocations},
     sessions::Sessions,
     state::State,
@@ -104,6 +104,13 @@ pub async fn serve(
     let mut background = JoinSet::new();
     liveness::spawn(&state, &stop_background, &mut background);
     reconcile::spawn(&state, state.timing.reconcile_interval, &stop_background, &mut background);
+    retention::spawn(
+        state.db.clone(),
+        state.timing.retention,
+        state.timing.prune_interval,
+        &stop_background,
+        &mut background,
+    );
     revocation::spawn_listener(
         state.db.clone(),
         state.revocations.clone(),

@@ -93,6 +93,8 @@ pub fn fast_timing() -> Timing {
         shutdown_grace: Duration::from_secs(3),
         hello_timeout: Duration::from_secs(3),
         reconcile_interval: Duration::from_secs(1),
+        retention: Duration::from_secs(30 * 24 * 3600),
+        prune_interval: Duration::from_secs(3600),
     }
 }
 
