@@ -326,10 +326,17 @@ pub fn to_proto(row: &CommandRow) -> CommandRecord {
 }
 
 /// Delivers a droplet's commands over one session until it ends.
-pub async fn deliver(state: State, droplet: DropletId, outbound: Outbound, wake: Arc<Notify>, end: CancellationToken) {
+pub async fn deliver(
+    state: State,
+    droplet: DropletId,
+    session: Uuid,
+    outbound: Outbound,
+    wake: Arc<Notify>,
+    end: CancellationToken,
+) {
     let mut sent_here: HashSet<Uuid> = HashSet::new();
     loop {
-        match pump(&state, droplet, &outbound, &mut sent_here).await {
+        match pump(&state, droplet, session, &outbound, &mut sent_here).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(error) => tracing::warn!(%error, "could not deliver commands; retrying"),
@@ -346,6 +353,7 @@ pub async fn deliver(state: State, droplet: DropletId, outbound: Outbound, wake:
 async fn pump(
     state: &State,
     droplet: DropletId,
+    session: Uuid,
     outbound: &Outbound,
     sent_here: &mut HashSet<Uuid>,
 ) -> sqlx::Result<bool> {
@@ -373,12 +381,18 @@ async fn pump(
         }
         let Some(message) = message_for(state, row).await? else { continue };
         let mut tx = state.db.begin().await?;
+        // Only while this session holds the droplet: after a takeover by a session on
+        // another replica, this one sends nothing more.
         let updated: Option<CommandRow> = sqlx::query_as(
             "UPDATE commands SET state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END,
                  sent_at = now(), attempts = attempts + 1
-             WHERE id = $1 AND state IN ('queued', 'sent', 'acked') RETURNING *",
+             WHERE id = $1 AND state IN ('queued', 'sent', 'acked')
+               AND EXISTS (SELECT 1 FROM droplets WHERE id = $2 AND session_id = $3)
+             RETURNING *",
         )
         .bind(row.id)
+        .bind(droplet.as_uuid())
+        .bind(session)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(updated) = updated else { continue };

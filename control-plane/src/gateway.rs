@@ -20,7 +20,7 @@ use crate::{
     commands, deployments,
     enrollment::{self, EnrollError},
     pki::CsrError,
-    reconcile,
+    reconcile, replicas,
     requests::AfterChunk,
     sessions::{Beat, Outbound},
     state::State,
@@ -138,8 +138,36 @@ impl Session {
         };
         let droplet = self.peer.droplet_id;
 
-        match store::claim_droplet(&self.state.db, droplet, self.session_id, &self.peer.serial, &hello).await {
-            Ok(Claim::Held) => {}
+        let claimed = store::claim_droplet(
+            &self.state.db,
+            droplet,
+            self.session_id,
+            self.state.replica,
+            &self.peer.serial,
+            &hello,
+        )
+        .await;
+        match claimed {
+            Ok(Claim::Held) => {
+                // A session of this droplet on another replica is closed by that replica.
+                if let Err(error) = replicas::announce(&self.state.db, droplet, self.session_id).await {
+                    tracing::warn!(%error, "could not announce the session to the other replicas");
+                }
+            }
+            Ok(Claim::RateLimited(wait)) => {
+                let mut bye = goodbye(
+                    Reason::RateLimited,
+                    format!(
+                        "more than {} new sessions in {} s for this droplet",
+                        store::SESSIONS_PER_WINDOW,
+                        store::SESSION_WINDOW.as_secs()
+                    ),
+                );
+                bye.reconnect_after = prost_types::Duration::try_from(wait).ok();
+                tracing::warn!(?wait, "refused a session: too many new sessions lately");
+                self.say_goodbye(bye).await;
+                return;
+            }
             Ok(Claim::Revoked) => {
                 self.say_goodbye(goodbye(Reason::Revoked, "this droplet's certificate was revoked")).await;
                 return;
@@ -192,8 +220,15 @@ impl Session {
             }
             // Every unanswered command goes out again, in order; then new ones as they come.
             let delivery = tokio::spawn(
-                commands::deliver(self.state.clone(), droplet, self.outbound.clone(), wake, end.child_token())
-                    .in_current_span(),
+                commands::deliver(
+                    self.state.clone(),
+                    droplet,
+                    self.session_id,
+                    self.outbound.clone(),
+                    wake,
+                    end.child_token(),
+                )
+                .in_current_span(),
             );
             self.serve(&mut inbound, &end).await;
             delivery.abort();

@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod notify;
 pub mod pki;
 pub mod reconcile;
+pub mod replicas;
 pub mod requests;
 pub mod retention;
 pub mod revocation;

@@ -22,7 +22,7 @@ use crate::{
     gateway::Gateway,
     liveness,
     pki::{self, Authorities},
-    reconcile, retention,
+    reconcile, replicas, retention,
     revocation::{self, Revocations},
     sessions::Sessions,
     state::State,
@@ -79,11 +79,12 @@ pub async fn serve(
     let enroll_tls = tls::enroll_server_config(&authorities, &server_cert)?;
     let ca_pin = ca.sha256_pin();
 
-    let released = store::release_stale_sessions(&db).await.context("releasing stale sessions")?;
+    let replica = replicas::load_or_create_id(&config.data_dir).context("reading this replica's id")?;
+    let released = replicas::start(&db, replica).await.context("recording this replica")?;
     if released > 0 {
         tracing::info!(
             droplets = released,
-            "sessions of the previous run ended; their droplets have the reconnect grace"
+            "sessions of this replica's previous run ended; their droplets have the reconnect grace"
         );
     }
 
@@ -96,6 +97,7 @@ pub async fn serve(
         cert_validity: config.cert_validity,
         master_key: config.master_key.clone(),
         completions: Completions::default(),
+        replica,
     };
 
     let stop_accepting = CancellationToken::new();
@@ -120,6 +122,17 @@ pub async fn serve(
     )
     .await
     .context("listening for revocations")?;
+    replicas::spawn(
+        state.db.clone(),
+        replica,
+        state.sessions.clone(),
+        state.timing.heartbeat_interval,
+        replicas::failover_after(state.timing.silence_limit()),
+        &stop_background,
+        &mut background,
+    )
+    .await
+    .context("listening for sessions")?;
     commands::spawn_listener(
         state.db.clone(),
         state.sessions.clone(),
@@ -153,6 +166,10 @@ pub async fn serve(
     shutdown.await;
     tracing::info!(sessions = state.sessions.len(), "shutting down");
     stop_accepting.cancel();
+    // The agents we send away must not be held against their session rate limit.
+    if let Err(error) = replicas::forgive_reconnects(&state.db, replica).await {
+        tracing::warn!(%error, "could not reset the session rate limit of this replica's droplets");
+    }
     let spread = config.timing.reconnect_spread;
     state.sessions.close_all(|| Goodbye {
         reason: Reason::Shutdown as i32,

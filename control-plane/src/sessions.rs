@@ -180,6 +180,15 @@ impl Sessions {
         true
     }
 
+    /// Closes the droplet's session here unless it is `session`. Returns whether one was
+    /// closed.
+    pub fn close_unless(&self, droplet: DropletId, session: Uuid, goodbye: Goodbye) -> bool {
+        let map = self.lock();
+        let Some(entry) = map.get(&droplet).filter(|e| e.session_id != session) else { return false };
+        send_goodbye(&entry.outbound, &entry.end, goodbye);
+        true
+    }
+
     /// Queues a message to the droplet's session here, if it has one. `false` when it has
     /// none or its queue is full.
     pub fn send(&self, droplet: DropletId, kind: control_message::Kind) -> bool {

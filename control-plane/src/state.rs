@@ -23,6 +23,8 @@ pub struct State {
     pub master_key: Arc<MasterKey>,
     /// Commands reaching a final state, for `WaitCommand`.
     pub completions: Completions,
+    /// This process, among the control planes sharing the database.
+    pub replica: uuid::Uuid,
 }
 
 impl State {

@@ -119,6 +119,8 @@ fn clamp_i32(v: u32) -> i32 {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
     Held,
+    /// Too many new sessions for this droplet lately: try again after this long.
+    RateLimited(std::time::Duration),
     /// The droplet is being deleted: it may not connect again.
     Deleting,
     /// The session's certificate was revoked.
@@ -127,13 +129,39 @@ pub enum Claim {
 
 /// Records a new session for a droplet from its `Hello`: the droplet is `online`, with the
 /// facts the agent reported. Creates the droplet in the default account if it is new.
+/// New sessions allowed per droplet within [`SESSION_WINDOW`] (as SwarmKit: more than 3 in
+/// 8 s is refused with a hint to come back later).
+pub const SESSIONS_PER_WINDOW: i32 = 3;
+pub const SESSION_WINDOW: std::time::Duration = std::time::Duration::from_secs(8);
+
 pub async fn claim_droplet(
     db: &PgPool,
     droplet: DropletId,
     session_id: Uuid,
+    replica: Uuid,
     serial: &str,
     hello: &Hello,
 ) -> sqlx::Result<Claim> {
+    let window: Option<(i32, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE droplets SET
+             session_window_count = CASE WHEN session_window_start > now() - make_interval(secs => $2)
+                                         THEN session_window_count + 1 ELSE 1 END,
+             session_window_start = CASE WHEN session_window_start > now() - make_interval(secs => $2)
+                                         THEN session_window_start ELSE now() END
+         WHERE id = $1
+         RETURNING session_window_count, session_window_start",
+    )
+    .bind(droplet.as_uuid())
+    .bind(SESSION_WINDOW.as_secs_f64())
+    .fetch_optional(db)
+    .await?;
+    if let Some((count, start)) = window
+        && count > SESSIONS_PER_WINDOW
+    {
+        let until = start + chrono::Duration::from_std(SESSION_WINDOW).unwrap_or_default();
+        let wait = (until - Utc::now()).to_std().unwrap_or_default().max(std::time::Duration::from_secs(1));
+        return Ok(Claim::RateLimited(wait));
+    }
     let host = hello.host.clone().unwrap_or_default();
     let load = hello.load.unwrap_or_default();
     let protocol = hello.protocol.unwrap_or_default();
@@ -145,9 +173,9 @@ pub async fn claim_droplet(
             memory_total_bytes, disk_total_bytes, docker_version,
             load_average_1m, load_average_5m, load_average_15m,
             memory_used_bytes, disk_used_bytes, disk_free_bytes, container_count,
-            session_id, connected_at, last_seen_at, disconnected_at, status_message)
+            session_id, connected_at, last_seen_at, disconnected_at, status_message, session_replica, session_epoch)
         SELECT $1, $2, 'online', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-               $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, ''
+               $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, '', $23, 1
         -- A certificate revoked since its handshake must not bring its droplet back.
         WHERE NOT EXISTS (SELECT 1 FROM certificates WHERE serial = $22 AND revoked_at IS NOT NULL)
         ON CONFLICT (id) DO UPDATE SET
@@ -171,6 +199,8 @@ pub async fn claim_droplet(
             disk_free_bytes = EXCLUDED.disk_free_bytes,
             container_count = EXCLUDED.container_count,
             session_id = CASE WHEN d.status = 'deleting' THEN d.session_id ELSE EXCLUDED.session_id END,
+            session_replica = CASE WHEN d.status = 'deleting' THEN d.session_replica ELSE EXCLUDED.session_replica END,
+            session_epoch = d.session_epoch + 1,
             connected_at = now(),
             last_seen_at = now(),
             disconnected_at = NULL,
@@ -201,6 +231,7 @@ pub async fn claim_droplet(
     .bind(clamp_i32(load.container_count))
     .bind(session_id)
     .bind(serial)
+    .bind(replica)
     .fetch_optional(db)
     .await?;
     Ok(match row {
@@ -213,7 +244,7 @@ pub async fn claim_droplet(
 /// The session closed: start the reconnect grace. A no-op if another session took over.
 pub async fn release_droplet(db: &PgPool, droplet: DropletId, session_id: Uuid) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE droplets SET session_id = NULL, disconnected_at = now(), updated_at = now()
+        "UPDATE droplets SET session_id = NULL, session_replica = NULL, disconnected_at = now(), updated_at = now()
          WHERE id = $1 AND session_id = $2",
     )
     .bind(droplet.as_uuid())
@@ -295,21 +326,6 @@ pub async fn sweep_offline(db: &PgPool, grace: std::time::Duration) -> sqlx::Res
     .bind(grace.as_secs_f64())
     .fetch_all(db)
     .await
-}
-
-/// At start-up: sessions recorded by a previous run of this control plane are gone. Their
-/// droplets get the reconnect grace from now, so a restart does not flap the fleet.
-///
-/// This assumes one control-plane process per database; several replicas need session
-/// ownership per replica, which the command-ledger work brings.
-pub async fn release_stale_sessions(db: &PgPool) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        "UPDATE droplets SET session_id = NULL, disconnected_at = now(), updated_at = now()
-         WHERE session_id IS NOT NULL",
-    )
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected())
 }
 
 pub async fn get_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DropletRow>> {

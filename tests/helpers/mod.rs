@@ -59,9 +59,10 @@ impl TestDb {
         Ok(Self { pool, name })
     }
 
-    /// Write statements (INSERT, UPDATE) executed in this database so far, and the rows
-    /// they touched, as PostgreSQL's `pg_stat_statements` counts them. Its counters are
-    /// updated as each statement ends, unlike `pg_stat_database`'s, which lag by seconds.
+    /// Write statements (INSERT, UPDATE) on `droplets` executed in this database so far,
+    /// and the rows they touched, as PostgreSQL's `pg_stat_statements` counts them. Its
+    /// counters are updated as each statement ends, unlike `pg_stat_database`'s, which lag
+    /// by seconds.
     pub async fn writes(&self) -> anyhow::Result<(i64, i64)> {
         sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&self.pool).await.context(
             "pg_stat_statements: start PostgreSQL with shared_preload_libraries=pg_stat_statements (scripts/test.sh does)",
@@ -69,7 +70,7 @@ impl TestDb {
         let (calls, rows): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT sum(calls)::int8, sum(rows)::int8 FROM pg_stat_statements s
              JOIN pg_database d ON d.oid = s.dbid
-             WHERE d.datname = current_database() AND s.query ~* '^\\s*(INSERT|UPDATE)'",
+             WHERE d.datname = current_database() AND s.query ~* '^\\s*(INSERT\\s+INTO|UPDATE)\\s+droplets\\M'",
         )
         .fetch_one(&self.pool)
         .await
