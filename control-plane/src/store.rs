@@ -173,9 +173,10 @@ pub async fn claim_droplet(
             memory_total_bytes, disk_total_bytes, docker_version,
             load_average_1m, load_average_5m, load_average_15m,
             memory_used_bytes, disk_used_bytes, disk_free_bytes, container_count,
-            session_id, connected_at, last_seen_at, disconnected_at, status_message, session_replica, session_epoch)
+            session_id, connected_at, last_seen_at, disconnected_at, status_message, session_replica, session_epoch,
+            session_window_start, session_window_count)
         SELECT $1, $2, 'online', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-               $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, '', $23, 1
+               $14, $15, $16, $17, $18, $19, $20, $21, now(), now(), NULL, '', $23, 1, now(), 1
         -- A certificate revoked since its handshake must not bring its droplet back.
         WHERE NOT EXISTS (SELECT 1 FROM certificates WHERE serial = $22 AND revoked_at IS NOT NULL)
         ON CONFLICT (id) DO UPDATE SET

@@ -1,0 +1,121 @@
+//! Several control planes on one database: a change made through any replica reaches the
+//! droplet through the replica holding its session; a newer session anywhere closes the
+//! older; starting a replica leaves the others' sessions alone; flapping sessions are
+//! rate-limited.
+
+mod helpers;
+
+use std::time::Duration;
+
+use flotilla::{
+    DropletId,
+    proto::{ContainerState, WaitCommandRequest, command_record::State, control_message, goodbye::Reason},
+};
+use helpers::{
+    TestControlPlane, TestDb,
+    deploy::{Cleanup, create, test_server_spec, wait_state},
+    fast_timing, hello, new_master_key,
+};
+use uuid::Uuid;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// Two replicas of one fleet: one database, one master key.
+async fn two(db: &TestDb) -> anyhow::Result<(TestControlPlane, TestControlPlane)> {
+    let key = new_master_key();
+    let validity = Duration::from_secs(3600);
+    let a = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), validity).await?;
+    let b = TestControlPlane::start_with(&db.pool, fast_timing(), key, validity).await?;
+    Ok((a, b))
+}
+
+fn replica_of(cp: &TestControlPlane) -> anyhow::Result<Uuid> {
+    Ok(Uuid::try_parse(std::fs::read_to_string(cp.data_dir.join("replica-id"))?.trim())?)
+}
+
+async fn session_row(db: &TestDb, droplet: DropletId) -> anyhow::Result<(Option<Uuid>, Option<Uuid>, i64)> {
+    Ok(sqlx::query_as("SELECT session_id, session_replica, session_epoch FROM droplets WHERE id = $1")
+        .bind(droplet.as_uuid())
+        .fetch_one(&db.pool)
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_through_another_replica_runs_through_the_one_holding_the_session() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (a, b) = two(&db).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = a.agent(droplet).await?;
+    a.await_status(droplet, flotilla::proto::DropletStatus::Online, WITHIN).await?;
+    assert_eq!(session_row(&db, droplet).await?.1, Some(replica_of(&a)?));
+
+    // Made through B, which has no session for the droplet: the ledger and NOTIFY carry it.
+    let created = create(&b, droplet, test_server_spec()).await?;
+    let request = WaitCommandRequest {
+        id: created.last_command_id.clone(),
+        timeout: prost_types::Duration::try_from(WITHIN).ok(),
+    };
+    let done = b.fleet().await?.wait_command(request).await?.into_inner();
+    assert_eq!((done.state(), done.attempts), (State::Succeeded, 1), "{done:?}");
+    wait_state(&b, &created.id, ContainerState::Running).await?;
+
+    // Starting another replica leaves A's sessions alone.
+    let before = session_row(&db, droplet).await?;
+    let c = TestControlPlane::start_with(&db.pool, fast_timing(), b.master_key.clone(), b.cert_validity).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(session_row(&db, droplet).await?, before, "the session stays A's");
+    agent.stop().await?;
+    for cp in [c, b, a] {
+        cp.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_on_another_replica_closes_the_older_one() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let (a, b) = two(&db).await?;
+    let droplet = DropletId::new();
+    let mut old = a.raw_session(droplet, hello()).await?;
+    assert!(matches!(old.next().await?.kind, Some(control_message::Kind::Welcome(_))));
+    let (_, replica, epoch) = session_row(&db, droplet).await?;
+    assert_eq!((replica, epoch), (Some(replica_of(&a)?), 1));
+
+    let mut new = b.raw_session(droplet, hello()).await?;
+    assert!(matches!(new.next().await?.kind, Some(control_message::Kind::Welcome(_))));
+    match old.next().await?.kind {
+        Some(control_message::Kind::Goodbye(goodbye)) => assert_eq!(goodbye.reason(), Reason::Superseded),
+        other => anyhow::bail!("expected Goodbye, got {other:?}"),
+    }
+    let (_, replica, epoch) = session_row(&db, droplet).await?;
+    assert_eq!((replica, epoch), (Some(replica_of(&b)?), 2), "B holds it now, one epoch on");
+    drop(new);
+    a.stop().await?;
+    b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_three_new_sessions_in_eight_seconds_are_refused_with_a_retry_hint() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let droplet = DropletId::new();
+    let creds = cp.credentials(droplet).await?;
+    for n in 1..=3 {
+        let mut session = cp.raw_session_with(&creds, hello()).await?;
+        let first = session.next().await?;
+        assert!(matches!(first.kind, Some(control_message::Kind::Welcome(_))), "session {n}: {first:?}");
+    }
+    let mut fourth = cp.raw_session_with(&creds, hello()).await?;
+    match fourth.next().await?.kind {
+        Some(control_message::Kind::Goodbye(goodbye)) => {
+            assert_eq!(goodbye.reason(), Reason::RateLimited);
+            let wait = goodbye.reconnect_after.and_then(|d| Duration::try_from(d).ok()).unwrap_or_default();
+            assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_secs(8), "{wait:?}");
+        }
+        other => anyhow::bail!("expected a rate-limit Goodbye, got {other:?}"),
+    }
+    cp.stop().await?;
+    Ok(())
+}
