@@ -4,6 +4,8 @@
 CREATE TABLE replicas (
     id            uuid PRIMARY KEY,
     hostname      text NOT NULL DEFAULT '',
+    -- Where the other replicas reach this one's API, to forward live requests.
+    api_address   text NOT NULL DEFAULT '',
     started_at    timestamptz NOT NULL DEFAULT now(),
     last_seen_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -119,3 +119,54 @@ async fn more_than_three_new_sessions_in_eight_seconds_are_refused_with_a_retry_
     cp.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_and_live_reads_through_a_replica_without_the_session_are_forwarded_whole_and_in_order()
+-> anyhow::Result<()> {
+    use flotilla::proto::{InspectDeploymentRequest, TailLogsRequest, log_chunk::Stream};
+    use futures::StreamExt as _;
+
+    let db = TestDb::new().await?;
+    let (a, b) = two(&db).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let agent = a.agent(droplet).await?;
+    a.await_status(droplet, flotilla::proto::DropletStatus::Online, WITHIN).await?;
+    let spec = helpers::deploy::with_env(test_server_spec(), &[("LOG_BURST", "2000"), ("LOG_EVERY_MS", "50")]);
+    let created = create(&a, droplet, spec).await?;
+    let running = wait_state(&a, &created.id, ContainerState::Running).await?;
+
+    // B holds no session for the droplet: it forwards to A.
+    let mut fleet = b.fleet().await?;
+    let inspected = fleet.inspect_deployment(InspectDeploymentRequest { id: created.id.clone() }).await?.into_inner();
+    assert_eq!(inspected.container_id, running.container.unwrap_or_default().container_id);
+
+    let request = TailLogsRequest { deployment_id: created.id.clone(), tail: 0, since: None, follow: true };
+    let mut stream = fleet.tail_logs(request).await?.into_inner();
+    let (mut burst, mut lines, mut text) = (0u64, Vec::new(), String::new());
+    while lines.len() < 5 {
+        let entry = tokio::time::timeout(WITHIN, stream.next()).await?.ok_or(anyhow::anyhow!("the stream ended"))??;
+        assert_eq!(entry.dropped_bytes, 0, "a reader that keeps up loses nothing");
+        if entry.stream() != Stream::Stdout {
+            continue;
+        }
+        text.push_str(&String::from_utf8_lossy(&entry.data));
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        for line in text[..complete].lines() {
+            if let Some(n) = line.strip_prefix("burst line ") {
+                assert_eq!(n.parse::<u64>()?, burst, "the burst, whole and in order");
+                burst += 1;
+            } else if let Some(n) = line.strip_prefix("line ") {
+                lines.push(n.parse::<u64>()?);
+            }
+        }
+        text.drain(..complete);
+    }
+    assert_eq!(burst, 2000);
+    assert!(lines.windows(2).all(|w| w[1] == w[0] + 1), "followed lines in order: {lines:?}");
+    drop(stream);
+    agent.stop().await?;
+    a.stop().await?;
+    b.stop().await?;
+    Ok(())
+}

@@ -288,24 +288,26 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::InspectDeploymentRequest>,
     ) -> Result<Response<proto::ContainerStatus>, Status> {
-        Ok(Response::new(live::inspect(&self.state, &request.get_ref().id).await?))
+        let forwarded = request.metadata().contains_key(live::FORWARDED);
+        Ok(Response::new(live::inspect(&self.state, &request.get_ref().id, forwarded).await?))
     }
 
     async fn check_deployment_health(
         &self,
         request: Request<proto::CheckDeploymentHealthRequest>,
     ) -> Result<Response<proto::CheckDeploymentHealthResponse>, Status> {
-        Ok(Response::new(live::check_health(&self.state, &request.get_ref().id).await?))
+        let forwarded = request.metadata().contains_key(live::FORWARDED);
+        Ok(Response::new(live::check_health(&self.state, &request.get_ref().id, forwarded).await?))
     }
 
-    type TailLogsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::LogEntry, Status>> + Send>>;
+    type TailLogsStream = live::LogStream;
 
     async fn tail_logs(
         &self,
         request: Request<proto::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        let stream = live::tail_logs(&self.state, request.into_inner()).await?;
-        Ok(Response::new(Box::pin(stream)))
+        let forwarded = request.metadata().contains_key(live::FORWARDED);
+        Ok(Response::new(live::tail_logs(&self.state, request.into_inner(), forwarded).await?))
     }
 
     async fn delete_droplet(

@@ -166,6 +166,11 @@ pub struct ServeArgs {
     /// The fleet API (gRPC). Plaintext and unauthenticated for now, so loopback by default.
     #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7080")]
     pub api_listen: SocketAddr,
+    /// Where other replicas reach this one's API, to forward live requests (logs,
+    /// inspect, health) for droplets whose session is here. Defaults to --api-listen
+    /// (with 127.0.0.1 for an unspecified address).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_API")]
+    pub advertise_api: Option<String>,
     /// A DNS name or IP address agents use to reach the control plane (repeatable).
     #[arg(long = "public-name", env = "FLOTILLA_PUBLIC_NAMES", value_delimiter = ',')]
     pub public_names: Vec<String>,

@@ -1,22 +1,31 @@
 //! Live reads of a deployment, answered by its droplet now and never stored: inspect,
 //! check health, logs (DESIGN.md, "Two kinds of traffic": requests, unlike commands,
 //! are not in the ledger; a request to a droplet without a session fails at once).
+//!
+//! A request may land on any replica. When the droplet's session is on another one, the
+//! request is forwarded to that replica's API (marked, so it is never forwarded twice),
+//! as Nomad servers forward to the server holding a client's connection.
 
 use std::time::Duration;
 
 use flotilla::{
     DropletId,
     proto::{
-        CancelLogs, CheckHealth, Command, FetchLogs, Inspect, LogEntry, RequestReply, TailLogsRequest, command,
-        control_message,
+        CancelLogs, CheckDeploymentHealthRequest, CheckDeploymentHealthResponse, CheckHealth, Command, ContainerStatus,
+        FetchLogs, Inspect, InspectDeploymentRequest, LogEntry, RequestReply, TailLogsRequest, command,
+        control_message, fleet_client::FleetClient,
     },
 };
 use futures::Stream;
 use tokio::sync::oneshot;
-use tonic::Status;
+use tonic::{
+    Status,
+    transport::{Channel, Endpoint},
+};
 use uuid::Uuid;
 
 use crate::{
+    replicas,
     requests::{LogItem, Waiter, log_queue},
     sessions::{RequestError, Sessions},
     state::State,
@@ -83,22 +92,77 @@ fn send(
     waiter: Waiter,
     kind: command::Kind,
     logs: bool,
-) -> Result<InFlight, Status> {
+) -> Result<InFlight, RequestError> {
     let id = Uuid::new_v4();
     let command = Command { id: id.to_string(), deadline: None, kind: Some(kind) };
-    state
-        .sessions
-        .request(droplet, id, waiter, control_message::Kind::Command(command))
-        .map_err(|e| request_error(droplet, e))?;
+    state.sessions.request(droplet, id, waiter, control_message::Kind::Command(command))?;
     Ok(InFlight { sessions: state.sessions.clone(), droplet, id, logs })
 }
 
+/// Metadata on a request one replica forwards to another: it is never forwarded again.
+pub const FORWARDED: &str = "flotilla-forwarded-by";
+
+/// A client of the replica holding the droplet's session, when that is another replica
+/// and this request was not forwarded already; otherwise the "not connected" error.
+async fn holder(state: &State, droplet: DropletId, forwarded: bool) -> Result<FleetClient<Channel>, Status> {
+    let not_connected = || request_error(droplet, RequestError::NotConnected);
+    if forwarded {
+        return Err(not_connected());
+    }
+    let address = match replicas::holder_api(&state.db, droplet, state.replica).await {
+        Ok(Some(address)) => address,
+        Ok(None) => return Err(not_connected()),
+        Err(error) => {
+            tracing::error!(%error, "database error");
+            return Err(Status::unavailable("the control plane's database is unavailable; try again"));
+        }
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|_| Status::internal(format!("the replica holding droplet {droplet} advertises a bad address")))?
+        .connect_timeout(Duration::from_secs(5));
+    match endpoint.connect().await {
+        Ok(channel) => Ok(FleetClient::new(channel)),
+        Err(error) => {
+            tracing::warn!(%error, %address, "could not reach the replica holding a droplet's session");
+            Err(Status::unavailable(format!(
+                "the control plane replica holding droplet {droplet}'s session cannot be reached; try again"
+            )))
+        }
+    }
+}
+
+/// `message` as a request forwarded by this replica.
+fn forward<T>(state: &State, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = state.replica.to_string().parse() {
+        request.metadata_mut().insert(FORWARDED, value);
+    }
+    request
+}
+
+/// Why `ask` got no answer.
+enum Unanswered {
+    /// The droplet has no session here.
+    NotHere(DropletId),
+    Failed(Status),
+}
+
+impl From<Status> for Unanswered {
+    fn from(status: Status) -> Self {
+        Self::Failed(status)
+    }
+}
+
 /// Sends a request and waits for its answer.
-async fn ask(state: &State, deployment: Uuid, kind: command::Kind) -> Result<RequestReply, Status> {
+async fn ask(state: &State, deployment: Uuid, kind: command::Kind) -> Result<RequestReply, Unanswered> {
     let droplet = droplet_of(state, deployment).await?;
     let (tx, rx) = oneshot::channel();
-    let _in_flight = send(state, droplet, Waiter::Reply(tx), kind, false)?;
-    match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+    let _in_flight = match send(state, droplet, Waiter::Reply(tx), kind, false) {
+        Ok(in_flight) => in_flight,
+        Err(RequestError::NotConnected) => return Err(Unanswered::NotHere(droplet)),
+        Err(error) => return Err(request_error(droplet, error).into()),
+    };
+    let answered = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
         Err(_) => Err(Status::deadline_exceeded(format!(
             "droplet {droplet} did not answer within {}s",
             REQUEST_TIMEOUT.as_secs()
@@ -110,28 +174,41 @@ async fn ask(state: &State, deployment: Uuid, kind: command::Kind) -> Result<Req
             Err(Status::failed_precondition(format!("droplet {droplet} answered: {}", reply.message)))
         }
         Ok(Ok(reply)) => Ok(reply),
+    };
+    Ok(answered?)
+}
+
+pub async fn inspect(state: &State, id: &str, forwarded: bool) -> Result<ContainerStatus, Status> {
+    let deployment = parse("id", id)?;
+    let kind = command::Kind::Inspect(Inspect { deployment_id: deployment.to_string() });
+    match ask(state, deployment, kind).await {
+        Ok(reply) => reply.container.ok_or_else(|| Status::internal("the droplet's answer carried no container")),
+        Err(Unanswered::Failed(status)) => Err(status),
+        Err(Unanswered::NotHere(droplet)) => {
+            let request = forward(state, InspectDeploymentRequest { id: id.to_owned() });
+            Ok(holder(state, droplet, forwarded).await?.inspect_deployment(request).await?.into_inner())
+        }
     }
 }
 
-pub async fn inspect(state: &State, id: &str) -> Result<flotilla::proto::ContainerStatus, Status> {
-    let deployment = parse("id", id)?;
-    let reply =
-        ask(state, deployment, command::Kind::Inspect(Inspect { deployment_id: deployment.to_string() })).await?;
-    reply.container.ok_or_else(|| Status::internal("the droplet's answer carried no container"))
-}
-
-pub async fn check_health(state: &State, id: &str) -> Result<flotilla::proto::CheckDeploymentHealthResponse, Status> {
+pub async fn check_health(state: &State, id: &str, forwarded: bool) -> Result<CheckDeploymentHealthResponse, Status> {
     let deployment = parse("id", id)?;
     let kind = command::Kind::CheckHealth(CheckHealth { deployment_id: deployment.to_string() });
-    let reply = ask(state, deployment, kind).await?;
-    Ok(flotilla::proto::CheckDeploymentHealthResponse { health: reply.health, container: reply.container })
+    match ask(state, deployment, kind).await {
+        Ok(reply) => Ok(CheckDeploymentHealthResponse { health: reply.health, container: reply.container }),
+        Err(Unanswered::Failed(status)) => Err(status),
+        Err(Unanswered::NotHere(droplet)) => {
+            let request = forward(state, CheckDeploymentHealthRequest { id: id.to_owned() });
+            Ok(holder(state, droplet, forwarded).await?.check_deployment_health(request).await?.into_inner())
+        }
+    }
 }
 
+/// A stream of log entries, from this replica's session or forwarded from another's.
+pub type LogStream = std::pin::Pin<Box<dyn Stream<Item = Result<LogEntry, Status>> + Send>>;
+
 /// Streams a deployment's logs from its droplet.
-pub async fn tail_logs(
-    state: &State,
-    request: TailLogsRequest,
-) -> Result<impl Stream<Item = Result<LogEntry, Status>> + Send + 'static, Status> {
+pub async fn tail_logs(state: &State, request: TailLogsRequest, forwarded: bool) -> Result<LogStream, Status> {
     let deployment = parse("deployment_id", &request.deployment_id)?;
     let droplet = droplet_of(state, deployment).await?;
     let (tx, rx) = log_queue();
@@ -141,8 +218,18 @@ pub async fn tail_logs(
         since: request.since,
         follow: request.follow,
     };
-    let in_flight = send(state, droplet, Waiter::Logs(tx), command::Kind::FetchLogs(fetch), true)?;
-    Ok(futures::stream::unfold((rx, Some(in_flight)), move |(mut rx, in_flight)| async move {
+    let in_flight = match send(state, droplet, Waiter::Logs(tx), command::Kind::FetchLogs(fetch), true) {
+        Ok(in_flight) => in_flight,
+        Err(RequestError::NotConnected) => {
+            // The stream of the replica holding the session, passed through as it comes
+            // (its bounds and drop markers apply); hanging up here hangs up there.
+            let mut holder = holder(state, droplet, forwarded).await?;
+            let stream = holder.tail_logs(forward(state, request)).await?.into_inner();
+            return Ok(Box::pin(stream));
+        }
+        Err(error) => return Err(request_error(droplet, error)),
+    };
+    Ok(Box::pin(futures::stream::unfold((rx, Some(in_flight)), move |(mut rx, in_flight)| async move {
         // `None`: the stream has ended (its last item was yielded).
         let in_flight = in_flight?;
         let entry = |c: flotilla::proto::LogChunk| LogEntry {
@@ -168,5 +255,5 @@ pub async fn tail_logs(
                 (rx, None),
             )),
         }
-    }))
+    })))
 }

@@ -182,6 +182,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         data_dir: args.state.data_dir,
         public_names: args.public_names,
+        advertise_api: args.advertise_api,
         timing: args.timing,
         master_key: Arc::new(key),
         cert_validity: args.cert_validity,

@@ -56,14 +56,15 @@ pub fn failover_after(silence_limit: Duration) -> Duration {
 
 /// Records this replica as alive, and releases the sessions it held in an earlier life
 /// (they ended with that process). Returns how many were released.
-pub async fn start(db: &PgPool, replica: Uuid) -> sqlx::Result<u64> {
+pub async fn start(db: &PgPool, replica: Uuid, api_address: &str) -> sqlx::Result<u64> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     sqlx::query(
-        "INSERT INTO replicas (id, hostname) VALUES ($1, $2)
-         ON CONFLICT (id) DO UPDATE SET hostname = $2, started_at = now(), last_seen_at = now()",
+        "INSERT INTO replicas (id, hostname, api_address) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO UPDATE SET hostname = $2, api_address = $3, started_at = now(), last_seen_at = now()",
     )
     .bind(replica)
     .bind(hostname)
+    .bind(api_address)
     .execute(db)
     .await?;
     let done = sqlx::query(
@@ -165,6 +166,18 @@ pub async fn forgive_reconnects(db: &PgPool, replica: Uuid) -> sqlx::Result<()> 
         .execute(db)
         .await?;
     Ok(())
+}
+
+/// The API address of the other replica holding `droplet`'s session, if one does.
+pub async fn holder_api(db: &PgPool, droplet: DropletId, me: Uuid) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT r.api_address FROM droplets d JOIN replicas r ON r.id = d.session_replica
+         WHERE d.id = $1 AND d.session_id IS NOT NULL AND r.id <> $2 AND r.api_address <> ''",
+    )
+    .bind(droplet.as_uuid())
+    .bind(me)
+    .fetch_optional(db)
+    .await
 }
 
 /// Tells every replica that `session` now holds `droplet` (at commit).

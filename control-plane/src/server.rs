@@ -37,6 +37,9 @@ pub const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub public_names: Vec<String>,
+    /// Where other replicas reach this API (`host:port`); the API listener's address
+    /// when `None`.
+    pub advertise_api: Option<String>,
     pub timing: Timing,
     /// Decrypts the CA key stored in PostgreSQL.
     pub master_key: Arc<MasterKey>,
@@ -80,7 +83,14 @@ pub async fn serve(
     let ca_pin = ca.sha256_pin();
 
     let replica = replicas::load_or_create_id(&config.data_dir).context("reading this replica's id")?;
-    let released = replicas::start(&db, replica).await.context("recording this replica")?;
+    let api_address = config.advertise_api.clone().unwrap_or_else(|| {
+        let mut addr = listeners.api.local_addr().unwrap_or_else(|_| ([127, 0, 0, 1], 7080).into());
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
+        addr.to_string()
+    });
+    let released = replicas::start(&db, replica, &api_address).await.context("recording this replica")?;
     if released > 0 {
         tracing::info!(
             droplets = released,

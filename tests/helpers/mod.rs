@@ -186,6 +186,7 @@ impl TestControlPlane {
         let config = ServeConfig {
             data_dir: data_dir.clone(),
             public_names: vec![],
+            advertise_api: None,
             timing,
             master_key: master_key.clone(),
             cert_validity,
