@@ -138,7 +138,8 @@ async fn a_reader_slower_than_the_writer_loses_whole_lines_and_is_told_how_many_
         .await?;
     let mut fleet = FleetClient::new(channel);
     let mut stream = fleet.tail_logs(tail(&running.id, 0, false)).await?.into_inner();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Long enough for the droplet to read all 6 MB even on a busy machine.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let (mut received, mut dropped, mut next) = (0u64, 0u64, 0u64);
     let mut partial = String::new();
     while let Some(entry) = tokio::time::timeout(WITHIN, stream.next()).await? {

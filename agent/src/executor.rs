@@ -15,7 +15,7 @@ use flotilla::proto::{
     Command, CommandResult, ContainerEvent, ContainerState, ContainerStatus, Health, HealthStatus, RequestReply,
     agent_message, command,
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::{
@@ -30,34 +30,32 @@ use crate::{
 const QUEUE: usize = 256;
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
-pub(crate) struct Executor {
-    queue: mpsc::Sender<Command>,
-    task: JoinHandle<()>,
-    runtime: Result<Runtime, String>,
-    logs: LogStreams,
+/// Runs commands one at a time, in order, for the agent's whole life. A session that
+/// ends does not abandon a command halfway: it runs to its end, its result is recorded,
+/// and it is reported on whichever session is open by then (or answered from the record
+/// when the control plane sends it again).
+#[derive(Clone)]
+pub(crate) struct Runner {
+    queue: mpsc::Sender<(Command, Result<Runtime, String>)>,
+    /// The session results are reported on.
+    wire: Arc<watch::Sender<Option<Wire>>>,
     ledger: Ledger,
     /// Commands queued or running: a repeat of one of these is acknowledged, not queued.
     pending: Arc<Mutex<HashSet<String>>>,
 }
 
-impl Drop for Executor {
-    fn drop(&mut self) {
-        // The session is over: whatever it was running is abandoned with it (dropping
-        // `logs` ends the log streams).
-        self.task.abort();
-    }
-}
-
-impl Executor {
-    pub(crate) fn start(runtime: Result<Runtime, String>, wire: Wire, ledger: Ledger) -> Self {
-        let (queue, mut commands) = mpsc::channel::<Command>(QUEUE);
+impl Runner {
+    pub(crate) fn start(ledger: Ledger) -> Self {
+        let (queue, mut commands) = mpsc::channel::<(Command, Result<Runtime, String>)>(QUEUE);
+        let (wire, current) = watch::channel::<Option<Wire>>(None);
         let pending: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let task = {
-            let (runtime, ledger, pending) = (runtime.clone(), ledger.clone(), pending.clone());
+        {
+            let (ledger, pending) = (ledger.clone(), pending.clone());
             tokio::spawn(async move {
-                while let Some(command) = commands.recv().await {
+                while let Some((command, runtime)) = commands.recv().await {
                     let id = command.id.clone();
-                    let reply = execute(runtime.as_ref(), command, &wire).await;
+                    let wire = current.borrow().clone();
+                    let reply = execute(runtime.as_ref(), command, wire.as_ref()).await;
                     // On disk before it is reported: a result the control plane has seen
                     // is never applied again.
                     if let agent_message::Kind::CommandResult(result) = &reply
@@ -66,14 +64,38 @@ impl Executor {
                         tracing::error!(command_id = %id, %error, "could not record a command's result; a repeat of it would run again");
                     }
                     lock(&pending).remove(&id);
-                    if let Err(error) = wire.send(reply).await {
-                        tracing::debug!(command_id = %id, "could not report a result: {error:#}");
-                        return;
+                    let wire = current.borrow().clone();
+                    match wire {
+                        Some(wire) => {
+                            if let Err(error) = wire.send(reply).await {
+                                tracing::debug!(command_id = %id, "result recorded, not reported: {error:#}");
+                            }
+                        }
+                        None => tracing::debug!(command_id = %id, "result recorded; reported when asked again"),
                     }
                 }
-            })
-        };
-        Self { queue, task, runtime, logs: LogStreams::new(), ledger, pending }
+            });
+        }
+        Self { queue, wire: Arc::new(wire), ledger, pending }
+    }
+
+    /// Results go out on this session from now on.
+    pub(crate) fn attach(&self, wire: Wire) {
+        self.wire.send_replace(Some(wire));
+    }
+}
+
+/// One session's view: requests run here, commands go to the agent's [`Runner`].
+pub(crate) struct Executor {
+    runner: Runner,
+    runtime: Result<Runtime, String>,
+    logs: LogStreams,
+}
+
+impl Executor {
+    pub(crate) fn start(runtime: Result<Runtime, String>, wire: Wire, runner: Runner) -> Self {
+        runner.attach(wire);
+        Self { runner, runtime, logs: LogStreams::new() }
     }
 
     /// Commands are acknowledged and queued: they run one at a time, in order. Requests
@@ -92,26 +114,30 @@ impl Executor {
                 let runtime = self.runtime.clone();
                 let wire = wire.clone();
                 tokio::spawn(async move {
-                    let reply = execute(runtime.as_ref(), command, &wire).await;
+                    let reply = execute(runtime.as_ref(), command, Some(&wire)).await;
                     let _ = wire.send(reply).await;
                 });
             }
             _ => {
                 let ack = flotilla::proto::CommandAck { command_id: command.id.clone() };
                 let _ = wire.send(agent_message::Kind::CommandAck(ack)).await;
-                if let Some(result) = self.ledger.result(&command.id) {
+                let runner = &self.runner;
+                if let Some(result) = runner.ledger.result(&command.id) {
                     // Applied already (before a reconnect, or before this agent restarted):
                     // the same answer again, and Docker is not touched.
                     tracing::info!(command_id = %command.id, "a repeated command, answered from the record");
                     let _ = wire.send(agent_message::Kind::CommandResult(result)).await;
                     return;
                 }
-                if !lock(&self.pending).insert(command.id.clone()) {
-                    // Queued or running: its result will come.
+                if !lock(&runner.pending).insert(command.id.clone()) {
+                    // Queued or running (perhaps sent on an earlier session): its result
+                    // will come on this one.
                     return;
                 }
-                if let Err(mpsc::error::TrySendError::Full(command)) = self.queue.try_send(command) {
-                    lock(&self.pending).remove(&command.id);
+                if let Err(mpsc::error::TrySendError::Full((command, _))) =
+                    runner.queue.try_send((command, self.runtime.clone()))
+                {
+                    lock(&runner.pending).remove(&command.id);
                     let reply = failed(&command.id, true, "the agent is busy: too many commands queued".into(), None);
                     let _ = wire.send(reply).await;
                 }
@@ -164,7 +190,7 @@ fn grace(d: Option<prost_types::Duration>) -> Duration {
     d.and_then(|d| Duration::try_from(d).ok()).unwrap_or(DEFAULT_GRACE)
 }
 
-async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wire) -> agent_message::Kind {
+async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: Option<&Wire>) -> agent_message::Kind {
     let id = command.id;
     if command
         .deadline
@@ -274,7 +300,8 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: &Wi
 
 /// Pull progress, as an event of the deployment (there is no container yet). Progress is
 /// nice to have: when the session's queue is full it is dropped rather than waited for.
-fn pull_progress(wire: &Wire, deployment: Uuid, generation: u64, detail: String) {
+fn pull_progress(wire: Option<&Wire>, deployment: Uuid, generation: u64, detail: String) {
+    let Some(wire) = wire else { return };
     let container = ContainerStatus { deployment_id: deployment.to_string(), generation, ..Default::default() };
     let event = ContainerEvent {
         container: Some(container),

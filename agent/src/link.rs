@@ -21,7 +21,7 @@ use crate::{
     backoff::{Backoff, worth_logging},
     docker::Engine,
     enroll::{self, Trust},
-    executor::Executor,
+    executor::{Executor, Runner},
     host::HostProbe,
     identity::{Held, Store},
     ledger::Ledger,
@@ -152,6 +152,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         None => Ledger::in_memory(),
     };
     let mut agent = Agent {
+        runner: Runner::start(ledger.clone()),
         ledger,
         host: HostProbe::new(config.disk_path.clone()),
         engine: Engine::new(&config.docker_socket),
@@ -263,6 +264,8 @@ pub fn chain(error: &(dyn StdError + 'static)) -> String {
 struct Agent {
     /// Commands applied, with their results: each is applied once across sessions.
     ledger: Ledger,
+    /// Runs commands across sessions.
+    runner: Runner,
     host: HostProbe,
     engine: Engine,
     /// Learned from `Welcome`.
@@ -411,7 +414,7 @@ impl Agent {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewal = Renewal::new(self.store.is_some(), self.held.as_ref());
-        let executor = Executor::start(self.runtime(), wire.clone(), self.ledger.clone());
+        let executor = Executor::start(self.runtime(), wire.clone(), self.runner.clone());
         let _monitor = self.runtime().ok().map(|runtime| crate::health::Monitor::start(runtime, wire.clone()));
         let _events = self
             .runtime()
