@@ -170,3 +170,76 @@ async fn logs_and_live_reads_through_a_replica_without_the_session_are_forwarded
     b.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_holding_the_session_killed_mid_command_another_replica_finishes_it_once() -> anyhow::Result<()> {
+    use flotilla::proto::{GetDeploymentRequest, RestartDeploymentRequest};
+    use helpers::process::{Balancer, ControlPlaneProcess};
+
+    let db = TestDb::new().await?;
+    let bytes: [u8; 32] = rand::random();
+    let key = flotilla_control_plane::crypto::MasterKey::from_bytes(&bytes)?;
+    let mut a = ControlPlaneProcess::start(&db, &hex::encode(bytes)).await?;
+    let b = ControlPlaneProcess::start(&db, &hex::encode(bytes)).await?;
+    // Agents dial the balancer; it prefers A while A is up.
+    let balancer = Balancer::start(vec![a.agent_addr, b.agent_addr]).await?;
+    let droplet = DropletId::new();
+    let _cleanup = Cleanup(droplet);
+    let credentials = helpers::credentials(&db.pool, &key, droplet).await?;
+    let agent = helpers::agent_at(
+        format!("https://localhost:{}", balancer.addr.port()),
+        flotilla_agent::IdentitySource::Fixed(credentials),
+        "/var/run/docker.sock",
+        Some(helpers::temp_dir("flotilla-agent")),
+    );
+    let replica = |dir: &std::path::Path| -> anyhow::Result<Uuid> {
+        Ok(Uuid::try_parse(std::fs::read_to_string(dir.join("replica-id"))?.trim())?)
+    };
+    let (replica_a, replica_b) = (replica(&a.data_dir)?, replica(&b.data_dir)?);
+    helpers::wait_for("A to hold the session", WITHIN, || async {
+        // No row until the first session.
+        Ok(session_row(&db, droplet).await.ok().and_then(|row| row.1) == Some(replica_a))
+    })
+    .await?;
+
+    let mut fleet = b.fleet().await?;
+    let created = fleet
+        .create_deployment(flotilla::proto::CreateDeploymentRequest {
+            droplet_id: droplet.to_string(),
+            name: String::new(),
+            spec: Some(test_server_spec()),
+            options: None,
+        })
+        .await?
+        .into_inner();
+    helpers::wait_for("the container to run", WITHIN, || async {
+        let d = b.fleet().await?.get_deployment(GetDeploymentRequest { id: created.id.clone() }).await?.into_inner();
+        Ok(d.container.is_some_and(|c| c.state() == ContainerState::Running))
+    })
+    .await?;
+    let get = fleet.get_deployment(GetDeploymentRequest { id: created.id.clone() }).await?.into_inner();
+    let container = get.container.unwrap_or_default().container_id;
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() - 1.0;
+
+    // A restart, and the replica holding the session dies under it: whatever state the
+    // command was in (queued, sent, acked, running), B finishes it.
+    let restart = RestartDeploymentRequest { id: created.id.clone(), grace: None, options: None };
+    let command = fleet.restart_deployment(restart).await?.into_inner().last_command_id;
+    a.kill()?;
+    let wait = WaitCommandRequest { id: command, timeout: prost_types::Duration::try_from(WITHIN).ok() };
+    let done = fleet.wait_command(wait).await?.into_inner();
+    assert_eq!(done.state(), State::Succeeded, "{done:?}\n{}", b.log());
+    assert_eq!(session_row(&db, droplet).await?.1, Some(replica_b), "the agent moved to B");
+
+    // Once, as Docker saw it.
+    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() + 1.0;
+    let out = std::process::Command::new("docker")
+        .args(["events", "--since", &format!("{since:.3}"), "--until", &format!("{until:.3}")])
+        .args(["--filter", &format!("container={container}"), "--filter", "event=restart"])
+        .args(["--format", "{{.Action}}"])
+        .output()?;
+    let restarts = String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == "restart").count();
+    assert_eq!(restarts, 1, "restarted exactly once");
+    agent.stop().await?;
+    Ok(())
+}

@@ -47,12 +47,17 @@ pub struct LogSender {
 pub struct LogReceiver {
     rx: mpsc::UnboundedReceiver<LogItem>,
     queued: Arc<AtomicUsize>,
+    /// An item read while merging, to be returned next.
+    ahead: Option<LogItem>,
 }
+
+/// The most output merged into one item for the caller.
+pub const MERGE_BYTES: usize = 64 << 10;
 
 pub fn log_queue() -> (LogSender, LogReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    (LogSender { tx, queued: queued.clone() }, LogReceiver { rx, queued })
+    (LogSender { tx, queued: queued.clone() }, LogReceiver { rx, queued, ahead: None })
 }
 
 enum Refused {
@@ -73,10 +78,42 @@ impl LogSender {
 }
 
 impl LogReceiver {
-    pub async fn recv(&mut self) -> Option<LogItem> {
-        let item = self.rx.recv().await?;
+    fn taken(&self, item: LogItem) -> LogItem {
         self.queued.fetch_sub(cost(&item), Ordering::AcqRel);
-        Some(item)
+        item
+    }
+
+    /// The next item, with the chunks already waiting behind it merged in (same stream,
+    /// nothing dropped in between, up to [`MERGE_BYTES`]): a caller that fell behind
+    /// catches up in few large messages, not many tiny ones (which HTTP/2 peers rightly
+    /// treat as abuse).
+    pub async fn recv(&mut self) -> Option<LogItem> {
+        let first = match self.ahead.take() {
+            Some(item) => item,
+            None => {
+                let item = self.rx.recv().await?;
+                self.taken(item)
+            }
+        };
+        let LogItem::Chunk(mut chunk) = first else { return Some(first) };
+        while !chunk.end && chunk.data.len() < MERGE_BYTES {
+            let Ok(next) = self.rx.try_recv() else { break };
+            match self.taken(next) {
+                LogItem::Chunk(next)
+                    if !next.end
+                        && next.stream == chunk.stream
+                        && next.dropped_bytes == 0
+                        && chunk.data.len() + next.data.len() <= MERGE_BYTES =>
+                {
+                    chunk.data.extend_from_slice(&next.data);
+                }
+                other => {
+                    self.ahead = Some(other);
+                    break;
+                }
+            }
+        }
+        Some(LogItem::Chunk(chunk))
     }
 }
 
@@ -223,6 +260,42 @@ mod tests {
         assert!(requests.is_empty());
         assert!(matches!(rx.recv().await, Some(LogItem::Chunk(c)) if !c.end));
         assert!(matches!(rx.recv().await, Some(LogItem::Chunk(c)) if c.end && c.dropped_bytes == 5));
+    }
+
+    #[tokio::test]
+    async fn chunks_waiting_for_a_caller_are_merged_per_stream_and_never_across_a_loss() {
+        let mut requests = PendingRequests::default();
+        let id = Uuid::new_v4();
+        let (tx, mut rx) = log_queue();
+        requests.insert(id, Waiter::Logs(tx));
+        let on = |stream: i32, data: &[u8], dropped: u64| LogChunk {
+            request_id: id.to_string(),
+            stream,
+            data: data.to_vec(),
+            dropped_bytes: dropped,
+            ..Default::default()
+        };
+        for chunk in [on(1, b"a\n", 0), on(1, b"b\n", 0), on(2, b"err\n", 0), on(2, b"more\n", 0), on(2, b"c\n", 7)] {
+            requests.chunk(chunk);
+        }
+        requests.chunk(chunk(id, b"", true));
+        let mut got = Vec::new();
+        while let Some(LogItem::Chunk(c)) = rx.recv().await {
+            let end = c.end;
+            got.push((c.stream, String::from_utf8_lossy(&c.data).into_owned(), c.dropped_bytes, end));
+            if end {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                (1, "a\nb\n".to_owned(), 0, false),
+                (2, "err\nmore\n".to_owned(), 0, false),
+                (2, "c\n".to_owned(), 7, false),
+                (0, String::new(), 0, true),
+            ]
+        );
     }
 
     #[tokio::test]

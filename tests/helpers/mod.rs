@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod deploy;
+pub mod process;
 pub mod registry;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
@@ -248,13 +249,7 @@ impl TestControlPlane {
     /// Fresh credentials for one droplet, valid for an hour, recorded as the operator tool
     /// `ca issue-agent` records them.
     pub async fn credentials(&self, droplet: DropletId) -> anyhow::Result<Credentials> {
-        let authorities = self.authorities().await?;
-        let ca = &authorities.active;
-        let now = time::OffsetDateTime::now_utc();
-        let issued = ca.issue_agent(droplet, now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
-        let mut conn = self.pool.acquire().await?;
-        flotilla_control_plane::enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
-        Ok(Credentials { cert_pem: issued.cert_pem, key_pem: issued.key_pem, ca_pem: authorities.bundle.concat() })
+        credentials(&self.pool, &self.master_key, droplet).await
     }
 
     pub fn agent_url(&self) -> String {
@@ -325,19 +320,7 @@ impl TestControlPlane {
     }
 
     fn spawn_agent(&self, identity: IdentitySource, docker_socket: &str, state_dir: Option<PathBuf>) -> TestAgent {
-        let config = AgentConfig {
-            control_plane: self.agent_url(),
-            server_name: None,
-            identity,
-            docker_socket: docker_socket.into(),
-            disk_path: "/".into(),
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            state_dir,
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(flotilla_agent::run(config, stop.clone()));
-        TestAgent { stop, task }
+        agent_at(self.agent_url(), identity, docker_socket, state_dir)
     }
 
     /// A bare protocol client with valid credentials: it speaks only when told to.
@@ -357,6 +340,35 @@ impl TestControlPlane {
         let inbound = AgentGatewayClient::new(channel).connect(ReceiverStream::new(rx)).await?.into_inner();
         Ok(RawSession { tx, inbound })
     }
+}
+
+/// Fresh credentials for one droplet from the fleet CA in `pool`, valid for an hour,
+/// recorded as the operator tool `ca issue-agent` records them.
+pub async fn credentials(pool: &PgPool, master_key: &MasterKey, droplet: DropletId) -> anyhow::Result<Credentials> {
+    let authorities = Authorities::load_or_create(pool, master_key).await?.0;
+    let ca = &authorities.active;
+    let now = time::OffsetDateTime::now_utc();
+    let issued = ca.issue_agent(droplet, now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
+    let mut conn = pool.acquire().await?;
+    flotilla_control_plane::enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
+    Ok(Credentials { cert_pem: issued.cert_pem, key_pem: issued.key_pem, ca_pem: authorities.bundle.concat() })
+}
+
+/// An in-process agent dialling `url`.
+pub fn agent_at(url: String, identity: IdentitySource, docker_socket: &str, state_dir: Option<PathBuf>) -> TestAgent {
+    let config = AgentConfig {
+        control_plane: url,
+        server_name: None,
+        identity,
+        docker_socket: docker_socket.into(),
+        disk_path: "/".into(),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        state_dir,
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(flotilla_agent::run(config, stop.clone()));
+    TestAgent { stop, task }
 }
 
 pub struct RawSession {
