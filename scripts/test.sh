@@ -42,4 +42,6 @@ fi
 # The images the Docker tests run, built from this machine's own binaries.
 scripts/images.sh
 
+# The failover tests run the control plane as real processes (and SIGKILL them).
+cargo build --workspace --bins --locked
 cargo test --workspace --all-targets --locked -- "$@"

@@ -20,15 +20,15 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The control-plane binary beside the test binary (`cargo test --workspace
-/// --all-targets` builds it).
+/// The control-plane binary beside the test binary: `cargo build --bins` builds it
+/// (scripts/test.sh does, before the tests).
 fn binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(|deps| deps.parent()).context("the test binary's directory")?;
     let binary = dir.join("flotilla-control-plane");
     anyhow::ensure!(
         binary.is_file(),
-        "{} is missing: build it first (`cargo test --workspace --all-targets` does)",
+        "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
         binary.display()
     );
     Ok(binary)
