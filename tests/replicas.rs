@@ -219,7 +219,8 @@ async fn the_replica_holding_the_session_killed_mid_command_another_replica_fini
     .await?;
     let get = fleet.get_deployment(GetDeploymentRequest { id: created.id.clone() }).await?.into_inner();
     let container = get.container.unwrap_or_default().container_id;
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() - 1.0;
+    let restarts =
+        helpers::deploy::DockerEvents::follow(&["event=restart", &format!("container={container}")], "{{.Action}}")?;
 
     // A restart, and the replica holding the session dies under it: whatever state the
     // command was in (queued, sent, acked, running), B finishes it.
@@ -232,13 +233,7 @@ async fn the_replica_holding_the_session_killed_mid_command_another_replica_fini
     assert_eq!(session_row(&db, droplet).await?.1, Some(replica_b), "the agent moved to B");
 
     // Once, as Docker saw it.
-    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() + 1.0;
-    let out = std::process::Command::new("docker")
-        .args(["events", "--since", &format!("{since:.3}"), "--until", &format!("{until:.3}")])
-        .args(["--filter", &format!("container={container}"), "--filter", "event=restart"])
-        .args(["--format", "{{.Action}}"])
-        .output()?;
-    let restarts = String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == "restart").count();
+    let restarts = restarts.seen().iter().filter(|l| *l == "restart").count();
     assert_eq!(restarts, 1, "restarted exactly once");
     agent.stop().await?;
     Ok(())

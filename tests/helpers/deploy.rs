@@ -137,3 +137,52 @@ pub fn docker_ids(droplet: DropletId) -> anyhow::Result<Vec<String>> {
     anyhow::ensure!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
 }
+
+/// Docker's event stream, followed from now on by `docker events` (Docker's own history
+/// keeps only the last few hundred events, too few to count on a busy engine).
+pub struct DockerEvents {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl DockerEvents {
+    /// Follows the events matching `filters` (`docker events --filter` values), each
+    /// line formatted by `format` (a Go template).
+    pub fn follow(filters: &[&str], format: &str) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let mut command = std::process::Command::new("docker");
+        command.arg("events");
+        for filter in filters {
+            command.args(["--filter", filter]);
+        }
+        let mut child = command
+            .args(["--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or(anyhow::anyhow!("docker events has no stdout"))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        // `docker events` subscribes before it prints anything; give it a moment.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(Self { child, lines })
+    }
+
+    /// The lines seen so far (after a moment for the last ones to arrive).
+    pub fn seen(&self) -> Vec<String> {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for DockerEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -36,15 +36,17 @@ fn binary() -> anyhow::Result<PathBuf> {
 
 pub struct ControlPlaneProcess {
     pub agent_addr: SocketAddr,
+    pub enroll_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub data_dir: PathBuf,
-    child: Child,
+    database_url: String,
+    master_key: String,
+    child: Option<Child>,
 }
 
 impl Drop for ControlPlaneProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.kill();
     }
 }
 
@@ -54,39 +56,64 @@ impl ControlPlaneProcess {
     pub async fn start(db: &TestDb, master_key: &str) -> anyhow::Result<Self> {
         let base = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
         let (server, _) = base.rsplit_once('/').context("DATABASE_URL has no database name")?;
-        let url = format!("{server}/{}", db.name);
-        let (agent_addr, enroll_addr, api_addr) = (free_addr()?, free_addr()?, free_addr()?);
-        let data_dir = temp_dir("flotilla-cp-process");
-        let log = std::fs::File::create(data_dir.join("control-plane.log"))?;
+        let mut process = Self {
+            agent_addr: free_addr()?,
+            enroll_addr: free_addr()?,
+            api_addr: free_addr()?,
+            data_dir: temp_dir("flotilla-cp-process"),
+            database_url: format!("{server}/{}", db.name),
+            master_key: master_key.to_owned(),
+            child: None,
+        };
+        process.restart().await?;
+        Ok(process)
+    }
+
+    /// Starts the process again (the same replica, ports and data dir) and waits until it
+    /// serves.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.respawn()?;
+        self.ready().await
+    }
+
+    /// Kills the process if it runs and starts it again, without waiting.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("control-plane.log"))?;
         let child = Command::new(binary()?)
             .arg("serve")
-            .args(["--agent-listen", &agent_addr.to_string()])
-            .args(["--enroll-listen", &enroll_addr.to_string()])
-            .args(["--api-listen", &api_addr.to_string()])
-            .args(["--data-dir", &data_dir.display().to_string()])
+            .args(["--agent-listen", &self.agent_addr.to_string()])
+            .args(["--enroll-listen", &self.enroll_addr.to_string()])
+            .args(["--api-listen", &self.api_addr.to_string()])
+            .args(["--data-dir", &self.data_dir.display().to_string()])
             .args(["--heartbeat-interval", "200ms", "--flush-interval", "500ms", "--reconnect-grace", "30s"])
             .args(["--reconcile-interval", "1s", "--shutdown-grace", "3s"])
-            .env("DATABASE_URL", url)
-            .env("FLOTILLA_MASTER_KEY", master_key)
+            .env("DATABASE_URL", &self.database_url)
+            .env("FLOTILLA_MASTER_KEY", &self.master_key)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting flotilla-control-plane")?;
-        let mut process = Self { agent_addr, api_addr, data_dir, child };
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn ready(&mut self) -> anyhow::Result<()> {
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        while process.fleet().await.is_err() {
-            if let Some(status) = process.child.try_wait()? {
-                anyhow::bail!("the control-plane process exited ({status}):\n{}", process.log());
+        while self.fleet().await.is_err() {
+            if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
+                anyhow::bail!("the control-plane process exited ({status}):\n{}", self.log());
             }
             anyhow::ensure!(
                 tokio::time::Instant::now() < until,
                 "the control plane did not serve in 30 s:\n{}",
-                process.log()
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(process)
+        Ok(())
     }
 
     pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
@@ -96,8 +123,10 @@ impl ControlPlaneProcess {
 
     /// SIGKILL: no goodbye, no clean-up, as when a machine dies.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
         Ok(())
     }
 
@@ -107,7 +136,8 @@ impl ControlPlaneProcess {
 }
 
 /// A TCP balancer on loopback: each connection goes to the first backend that accepts
-/// it, as a load balancer with health checks would send it.
+/// it, starting from the next one in turn, as a round-robin load balancer with health
+/// checks would send it. With `prefer_first`, always starting from the first.
 pub struct Balancer {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
@@ -121,13 +151,27 @@ impl Drop for Balancer {
 
 impl Balancer {
     pub async fn start(backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        Self::with(backends, true).await
+    }
+
+    pub async fn round_robin(backends: Vec<SocketAddr>) -> anyhow::Result<Self> {
+        Self::with(backends, false).await
+    }
+
+    async fn with(backends: Vec<SocketAddr>, prefer_first: bool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
+            let mut turn = 0usize;
             while let Ok((mut client, _)) = listener.accept().await {
-                let backends = backends.clone();
+                let mut order = backends.clone();
+                if !prefer_first && !order.is_empty() {
+                    let first = turn % order.len();
+                    order.rotate_left(first);
+                    turn += 1;
+                }
                 tokio::spawn(async move {
-                    for backend in backends {
+                    for backend in order {
                         if let Ok(mut server) = tokio::net::TcpStream::connect(backend).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                             return;
