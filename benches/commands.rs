@@ -18,15 +18,10 @@ use flotilla::{
 use helpers::{
     TestControlPlane, TestDb,
     deploy::{Cleanup, create, test_server_spec, wait_state},
-    fast_timing,
+    fast_timing, percentile,
 };
 
 const DROPLETS: usize = 10;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {

@@ -14,14 +14,9 @@ use flotilla::{
     proto::{control_message, goodbye::Reason},
 };
 use flotilla_control_plane::store::{self, Revoke};
-use helpers::{TestControlPlane, TestDb, fast_timing, hello, new_master_key};
+use helpers::{TestControlPlane, TestDb, fast_timing, hello, new_master_key, percentile};
 
 const ROUNDS: usize = 200;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {

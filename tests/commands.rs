@@ -29,7 +29,7 @@ async fn wait(cp: &TestControlPlane, id: &str) -> anyhow::Result<CommandRecord> 
 async fn offline() -> anyhow::Result<(TestDb, TestControlPlane, DropletId, Cleanup)> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let droplet = cp.pending_droplet().await?;
     Ok((db, cp, droplet, Cleanup(droplet)))
 }
 
@@ -190,7 +190,7 @@ async fn finished_commands_and_events_past_the_retention_are_pruned_and_open_one
         ..fast_timing()
     };
     let cp = TestControlPlane::start(&db.pool, timing).await?;
-    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let droplet = cp.pending_droplet().await?;
     let open = create(&cp, droplet, test_server_spec()).await?;
     let recent = create(&cp, droplet, test_server_spec()).await?;
     // An open command two hours old stays; a recent finished one stays; 2,500 finished two

@@ -14,7 +14,7 @@ use flotilla::{
 };
 use helpers::{
     TestControlPlane, TestDb,
-    deploy::{Online, WITHIN, deploy_and_wait_healthy, deployment, docker_inspect, seconds, test_server_spec},
+    deploy::{Online, WITHIN, create, deploy_and_wait_healthy, deployment, docker_inspect, seconds, test_server_spec},
     fast_timing, wait_for,
 };
 use tonic::Code;
@@ -74,7 +74,7 @@ async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyh
 async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_stored() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let droplet = cp.pending_droplet().await?;
     let mut spec = test_server_spec();
     spec.privileged = true;
     spec.env.push(EnvVar { name: "BAD=NAME".into(), value: String::new(), secret: false });
@@ -196,13 +196,7 @@ async fn a_crash_looping_container_is_capped_reported_and_left_stopped() -> anyh
     spec.env.push(EnvVar { name: "EXIT_AFTER_MS".into(), value: "200".into(), secret: false });
     spec.env.push(EnvVar { name: "EXIT_CODE".into(), value: "3".into(), secret: false });
     spec.restart_policy = Some(RestartPolicy { mode: restart_policy::Mode::OnFailure as i32, max_retries: 2 });
-    let request = CreateDeploymentRequest {
-        droplet_id: droplet.to_string(),
-        name: String::new(),
-        spec: Some(spec),
-        options: None,
-    };
-    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    let created = create(&cp, droplet, spec).await?;
 
     wait_for("the deployment to be failed", Duration::from_secs(60), || async {
         Ok(deployment(&cp, &created.id).await?.failed)
@@ -236,13 +230,7 @@ async fn a_container_that_stays_unhealthy_is_restarted_up_to_its_cap_then_left_s
         failure_threshold: 2,
         ..Default::default()
     });
-    let request = CreateDeploymentRequest {
-        droplet_id: droplet.to_string(),
-        name: String::new(),
-        spec: Some(spec),
-        options: None,
-    };
-    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    let created = create(&cp, droplet, spec).await?;
     wait_for("the deployment to be given up on", Duration::from_secs(60), || async {
         Ok(deployment(&cp, &created.id).await?.failed)
     })

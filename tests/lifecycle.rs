@@ -4,13 +4,10 @@
 
 mod helpers;
 
-use flotilla::{
-    DropletId,
-    proto::{
-        ContainerState, CreateDeploymentRequest, DeploymentSpec, EnvVar, GetDeploymentRequest, PortPublication,
-        RemoveDeploymentRequest, Resources, RestartDeploymentRequest, RestartPolicy, StartDeploymentRequest,
-        StopDeploymentRequest, UpdateDeploymentRequest, deployment::DesiredState, restart_policy,
-    },
+use flotilla::proto::{
+    ContainerState, CreateDeploymentRequest, DeploymentSpec, EnvVar, GetDeploymentRequest, PortPublication,
+    RemoveDeploymentRequest, Resources, RestartDeploymentRequest, RestartPolicy, StartDeploymentRequest,
+    StopDeploymentRequest, UpdateDeploymentRequest, deployment::DesiredState, restart_policy,
 };
 use helpers::{
     TestControlPlane, TestDb,
@@ -170,7 +167,7 @@ async fn a_restart_retries_a_deployment_that_crash_looped() -> anyhow::Result<()
 async fn a_host_port_taken_by_another_deployment_on_the_droplet_is_refused() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let droplet = cp.pending_droplet().await?;
     let publish = |host_port| PortPublication { container_port: 8080, host_port, ..Default::default() };
     let first = create(&cp, droplet, DeploymentSpec { ports: vec![publish(18080)], ..test_server_spec() }).await?;
 

@@ -5,13 +5,9 @@ mod helpers;
 
 use std::time::Duration;
 
-use flotilla::{
-    DropletId,
-    proto::{
-        CheckDeploymentHealthRequest, ContainerState, CreateDeploymentRequest, Health, HealthCheck, HttpProbe,
-        InspectDeploymentRequest, LogEntry, RestartPolicy, TailLogsRequest, fleet_client::FleetClient, health_check,
-        log_chunk::Stream, restart_policy,
-    },
+use flotilla::proto::{
+    CheckDeploymentHealthRequest, ContainerState, Health, HealthCheck, HttpProbe, InspectDeploymentRequest, LogEntry,
+    RestartPolicy, TailLogsRequest, fleet_client::FleetClient, health_check, log_chunk::Stream, restart_policy,
 };
 use futures::StreamExt as _;
 use helpers::{
@@ -283,14 +279,8 @@ async fn inspect_and_check_health_answer_live_from_the_droplet() -> anyhow::Resu
 async fn logs_of_a_deployment_on_a_droplet_without_a_session_fail_at_once() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
-    let droplet: DropletId = cp.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?;
-    let request = CreateDeploymentRequest {
-        droplet_id: droplet.to_string(),
-        name: String::new(),
-        spec: Some(test_server_spec()),
-        options: None,
-    };
-    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    let droplet = cp.pending_droplet().await?;
+    let created = create(&cp, droplet, test_server_spec()).await?;
     let status = cp.fleet().await?.tail_logs(tail(&created.id, 0, true)).await.expect_err("no session");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains(&droplet.to_string()), "names the droplet: {}", status.message());

@@ -72,7 +72,7 @@ async fn host_port_conflicts(
         if row.id == this {
             continue;
         }
-        let Ok(other) = open(state, &row).and_then(|s| DeploymentSpec::try_from(s).map_err(DeploymentError::from))
+        let Ok(other) = spec_of(state, &row).and_then(|s| DeploymentSpec::try_from(s).map_err(DeploymentError::from))
         else {
             continue;
         };
@@ -105,17 +105,10 @@ pub async fn lifecycle(
         Verb::Remove { .. } => ("removed", false, "remove"),
     };
     let droplet = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?.droplet_id;
-    let mut tx = state.db.begin().await?;
-    commands::lock_droplet(&mut tx, droplet).await?.ok_or(DeploymentError::NotFound(id))?;
-    if let Some(key) = &options.idempotency_key
-        && let Some(earlier) = commands::by_key(&mut tx, droplet, key).await?
-    {
-        tx.commit().await?;
-        if earlier.deployment_id != Some(id) || earlier.kind != kind_name {
-            return Err(DeploymentError::KeyReused);
-        }
-        return answer(state, id, earlier.id).await;
-    }
+    let mut tx = match begin(state, droplet, options, DeploymentError::NotFound(id)).await? {
+        Begun::Fresh(tx) => tx,
+        Begun::Earlier(earlier) => return repeat(state, &earlier, Some(id), kind_name).await,
+    };
     if store::set_desired_state(&mut *tx, id, desired, retry).await?.is_none() {
         return Err(match store::get_deployment(&mut *tx, id).await? {
             Some(_) => DeploymentError::Removed(id),
@@ -132,6 +125,50 @@ pub async fn lifecycle(
     let command = commands::issue(&mut tx, droplet, Some(id), kind, options).await?;
     tx.commit().await?;
     answer(state, id, command.id).await
+}
+
+/// How a change that issues a command starts.
+enum Begun {
+    /// A transaction holding the droplet's row: issue the command in it.
+    Fresh(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// The idempotency key was used already, by this command.
+    Earlier(Box<commands::CommandRow>),
+}
+
+/// Locks the droplet (issuing is serialised per droplet, which makes idempotency keys
+/// race-free) and looks up the options' idempotency key. `missing` is the error when the
+/// droplet does not exist.
+async fn begin(
+    state: &State,
+    droplet: Uuid,
+    options: &Options,
+    missing: DeploymentError,
+) -> Result<Begun, DeploymentError> {
+    let mut tx = state.db.begin().await?;
+    commands::lock_droplet(&mut tx, droplet).await?.ok_or(missing)?;
+    if let Some(key) = &options.idempotency_key
+        && let Some(earlier) = commands::by_key(&mut tx, droplet, key).await?
+    {
+        tx.commit().await?;
+        return Ok(Begun::Earlier(Box::new(earlier)));
+    }
+    Ok(Begun::Fresh(tx))
+}
+
+/// The answer to a call repeated with the same idempotency key: the deployment and the
+/// command the first call made, if the key was used for the same change (`kind`, and the
+/// same deployment when one is named).
+async fn repeat(
+    state: &State,
+    earlier: &commands::CommandRow,
+    deployment: Option<Uuid>,
+    kind: &str,
+) -> Result<proto::Deployment, DeploymentError> {
+    let Some(made) = earlier.deployment_id.filter(|d| earlier.kind == kind && deployment.is_none_or(|id| id == *d))
+    else {
+        return Err(DeploymentError::KeyReused);
+    };
+    answer(state, made, earlier.id).await
 }
 
 /// The deployment as an answer to the call that issued `command`.
@@ -151,23 +188,16 @@ pub async fn update(
 ) -> Result<proto::Deployment, DeploymentError> {
     let row = store::get_deployment(&state.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
     let droplet = DropletId::from_uuid(row.droplet_id);
-    let mut tx = state.db.begin().await?;
-    commands::lock_droplet(&mut tx, droplet.as_uuid()).await?.ok_or(DeploymentError::NotFound(id))?;
-    if let Some(key) = &options.idempotency_key
-        && let Some(earlier) = commands::by_key(&mut tx, droplet.as_uuid(), key).await?
-    {
-        tx.commit().await?;
-        if earlier.deployment_id != Some(id) || earlier.kind != "deploy" {
-            return Err(DeploymentError::KeyReused);
-        }
-        return answer(state, id, earlier.id).await;
-    }
+    let mut tx = match begin(state, droplet.as_uuid(), options, DeploymentError::NotFound(id)).await? {
+        Begun::Fresh(tx) => tx,
+        Begun::Earlier(earlier) => return repeat(state, &earlier, Some(id), "deploy").await,
+    };
     // Read again under the lock: the generation to follow is the latest.
     let row = store::get_deployment(&mut *tx, id).await?.ok_or(DeploymentError::NotFound(id))?;
     if row.desired_state == "removed" {
         return Err(DeploymentError::Removed(id));
     }
-    let spec = keep_masked_secrets(spec, &open(state, &row)?);
+    let spec = keep_masked_secrets(spec, &spec_of(state, &row)?);
     let validated = DeploymentSpec::try_from(spec.clone())?;
     host_port_conflicts(state, &mut tx, droplet, id, &validated).await?;
     let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
@@ -199,10 +229,6 @@ fn keep_masked_secrets(mut spec: proto::DeploymentSpec, stored: &proto::Deployme
 
 /// The stored spec of a deployment, unsealed.
 pub fn spec_of(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSpec, DeploymentError> {
-    open(state, row)
-}
-
-fn open(state: &State, row: &store::DeploymentRow) -> Result<proto::DeploymentSpec, DeploymentError> {
     let bytes = state
         .master_key
         .open(&seal_context(row.id), &row.spec_sealed)
@@ -220,18 +246,10 @@ pub async fn create(
     options: &Options,
 ) -> Result<proto::Deployment, DeploymentError> {
     let validated = DeploymentSpec::try_from(spec.clone())?;
-    let mut tx = state.db.begin().await?;
-    commands::lock_droplet(&mut tx, droplet.as_uuid()).await?.ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
-    if let Some(key) = &options.idempotency_key
-        && let Some(earlier) = commands::by_key(&mut tx, droplet.as_uuid(), key).await?
-    {
-        tx.commit().await?;
-        let deployment = earlier.deployment_id.ok_or(DeploymentError::KeyReused)?;
-        if earlier.kind != "deploy" {
-            return Err(DeploymentError::KeyReused);
-        }
-        return answer(state, deployment, earlier.id).await;
-    }
+    let mut tx = match begin(state, droplet.as_uuid(), options, DeploymentError::NoDroplet(droplet.as_uuid())).await? {
+        Begun::Fresh(tx) => tx,
+        Begun::Earlier(earlier) => return repeat(state, &earlier, None, "deploy").await,
+    };
     let id = Uuid::new_v4();
     host_port_conflicts(state, &mut tx, droplet, id, &validated).await?;
     let sealed = state.master_key.seal(&seal_context(id), &spec.encode_to_vec());
@@ -263,7 +281,7 @@ pub async fn spec_for(
     if u64::try_from(row.generation).ok() != Some(generation) {
         return Ok(Err(format!("superseded by generation {}", row.generation)));
     }
-    open(state, &row).map(Ok)
+    spec_of(state, &row).map(Ok)
 }
 
 /// The tools the deployment's MCP server listed the last time the probe reached it.
@@ -302,7 +320,7 @@ fn to_proto(
     row: store::DeploymentRow,
     container: Option<ContainerStatus>,
 ) -> Result<proto::Deployment, DeploymentError> {
-    let spec = open(state, &row)?;
+    let spec = spec_of(state, &row)?;
     use proto::deployment::DesiredState as D;
     let desired = match row.desired_state.as_str() {
         "running" => D::Running,

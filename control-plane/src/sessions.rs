@@ -238,11 +238,6 @@ impl Sessions {
         }
     }
 
-    /// Live requests in flight on the droplet's session.
-    pub fn requests_in_flight(&self, droplet: DropletId) -> usize {
-        self.lock().get(&droplet).map_or(0, |e| e.requests.len())
-    }
-
     /// The droplets with a session here.
     pub fn droplets(&self) -> Vec<DropletId> {
         self.lock().keys().copied().collect()

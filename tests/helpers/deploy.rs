@@ -82,13 +82,7 @@ pub async fn deploy_and_wait_healthy(
     droplet: DropletId,
     spec: DeploymentSpec,
 ) -> anyhow::Result<Deployment> {
-    let request = CreateDeploymentRequest {
-        droplet_id: droplet.to_string(),
-        name: String::new(),
-        spec: Some(spec),
-        options: None,
-    };
-    let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
+    let created = create(cp, droplet, spec).await?;
     wait_for("the deployment to be healthy", WITHIN, || async {
         let d = deployment(cp, &created.id).await?;
         Ok(d.container.and_then(|c| c.health).is_some_and(|h| h.health() == Health::Healthy))

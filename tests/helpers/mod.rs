@@ -274,6 +274,12 @@ impl TestControlPlane {
         Ok(self.fleet().await?.create_enrollment_token(request).await?.into_inner())
     }
 
+    /// A new droplet with no agent yet (`pending`), made the way operators make one: by
+    /// creating an enrollment token.
+    pub async fn pending_droplet(&self) -> anyhow::Result<DropletId> {
+        Ok(self.token(None).await?.enrollment_token.unwrap_or_default().droplet_id.parse()?)
+    }
+
     pub async fn droplet(&self, id: DropletId) -> anyhow::Result<Droplet> {
         let mut fleet = self.fleet().await?;
         Ok(fleet.get_droplet(GetDropletRequest { id: id.to_string() }).await?.into_inner())
@@ -502,4 +508,10 @@ pub async fn tls_verdict(
         Some(tls) => tls.clone(),
         None => rustls::Error::General(e.to_string()),
     }))
+}
+
+/// The `p` quantile (0..=1) of sorted samples, for the benchmarks' figures.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
 }
