@@ -10,7 +10,7 @@ use flotilla::{
     DropletId,
     proto::{
         CommandOptions, ContainerState, CreateDeploymentRequest, GetDeploymentRequest, RestartDeploymentRequest,
-        StartDeploymentRequest, WaitCommandRequest, command_record::State, fleet_client::FleetClient,
+        StartDeploymentRequest, WaitCommandRequest, command_record::State,
     },
 };
 use helpers::{
@@ -18,7 +18,6 @@ use helpers::{
     deploy::{Cleanup, DockerEvents, test_server_spec},
     process::{Balancer, ControlPlaneProcess},
 };
-use tonic::transport::Channel;
 
 const DROPLETS: usize = 20;
 const COMMANDS: usize = 1000;
@@ -28,9 +27,9 @@ const RESTART_EVERY: usize = 25;
 
 /// A call to any replica that answers, the same request again on another when one is
 /// down: with an idempotency key, retrying is always safe.
-async fn any<T, F, Fut>(replicas: &[std::net::SocketAddr], mut call: F) -> anyhow::Result<T>
+async fn any<T, F, Fut>(replicas: &[std::net::SocketAddr], key: &str, mut call: F) -> anyhow::Result<T>
 where
-    F: FnMut(FleetClient<Channel>) -> Fut,
+    F: FnMut(helpers::Fleet) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let until = tokio::time::Instant::now() + Duration::from_secs(180);
@@ -43,7 +42,7 @@ where
             .connect()
             .await
         {
-            match call(FleetClient::new(channel)).await {
+            match call(helpers::fleet_over(channel, key)?).await {
                 Ok(response) => return Ok(response.into_inner()),
                 // The replica died under the call: another one answers the same request.
                 Err(status)
@@ -72,6 +71,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
         replicas.push(ControlPlaneProcess::start(&db, &key_hex).await?);
     }
     let apis: Vec<_> = replicas.iter().map(|r| r.api_addr).collect();
+    let api_key = replicas[0].admin_key.clone();
     let balancer = Balancer::round_robin(replicas.iter().map(|r| r.agent_addr).collect()).await?;
 
     let mut droplets = Vec::new();
@@ -103,7 +103,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
             spec: Some(test_server_spec()),
             options: Some(CommandOptions { idempotency_key: format!("create-{droplet}"), deadline: None }),
         };
-        let created = any(&apis, |mut f| {
+        let created = any(&apis, &api_key, |mut f| {
             let request = request.clone();
             async move { f.create_deployment(request).await }
         })
@@ -113,7 +113,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
     let mut containers = Vec::new();
     for id in &deployments {
         helpers::wait_for("the container to run", Duration::from_secs(120), || async {
-            let d = any(&apis, |mut f| {
+            let d = any(&apis, &api_key, |mut f| {
                 let id = id.clone();
                 async move { f.get_deployment(GetDeploymentRequest { id }).await }
             })
@@ -121,7 +121,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
             Ok(d.container.is_some_and(|c| c.state() == ContainerState::Running))
         })
         .await?;
-        let d = any(&apis, |mut f| {
+        let d = any(&apis, &api_key, |mut f| {
             let id = id.clone();
             async move { f.get_deployment(GetDeploymentRequest { id }).await }
         })
@@ -155,26 +155,27 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
     for n in 0..COMMANDS {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let apis = apis.clone();
+        let api_key = api_key.clone();
         let id = deployments[n % DROPLETS].clone();
         issued.spawn(async move {
             let options = Some(CommandOptions { idempotency_key: format!("chaos-{n}"), deadline: None });
             let command = if n % RESTART_EVERY == 0 {
                 let request = RestartDeploymentRequest { id: id.clone(), grace: None, options };
-                any(&apis, |mut f| {
+                any(&apis, &api_key, |mut f| {
                     let request = request.clone();
                     async move { f.restart_deployment(request).await }
                 })
                 .await?
             } else {
                 let request = StartDeploymentRequest { id: id.clone(), options };
-                any(&apis, |mut f| {
+                any(&apis, &api_key, |mut f| {
                     let request = request.clone();
                     async move { f.start_deployment(request).await }
                 })
                 .await?
             }
             .last_command_id;
-            let done = any(&apis, |mut f| {
+            let done = any(&apis, &api_key, |mut f| {
                 let wait = WaitCommandRequest {
                     id: command.clone(),
                     timeout: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),

@@ -37,7 +37,8 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
 
     let listed = tokio::task::spawn_blocking({
         let addr = addr.clone();
-        move || grpcurl(&["-plaintext", "-d", "{}", &addr, "flotilla.v1.Fleet/ListDroplets"])
+        let auth = format!("authorization: Bearer {}", cp.admin_key);
+        move || grpcurl(&["-plaintext", "-H", &auth, "-d", "{}", &addr, "flotilla.v1.Fleet/ListDroplets"])
     })
     .await??;
     let listed: serde_json::Value = serde_json::from_str(&listed)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flotilla::proto::{
     CheckDeploymentHealthRequest, ContainerState, Health, HealthCheck, HttpProbe, InspectDeploymentRequest, LogEntry,
-    RestartPolicy, TailLogsRequest, fleet_client::FleetClient, health_check, log_chunk::Stream, restart_policy,
+    RestartPolicy, TailLogsRequest, health_check, log_chunk::Stream, restart_policy,
 };
 use futures::StreamExt as _;
 use helpers::{
@@ -15,14 +15,14 @@ use helpers::{
     deploy::{Online, WITHIN, create, docker_inspect, seconds, test_server_spec, wait_state, with_env},
     fast_timing, wait_for,
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 fn tail(id: &str, tail: u32, follow: bool) -> TailLogsRequest {
     TailLogsRequest { deployment_id: id.into(), tail, since: None, follow }
 }
 
 /// Every entry of a log stream that ends by itself, or the error it ended with.
-async fn collect(fleet: &mut FleetClient<Channel>, request: TailLogsRequest) -> anyhow::Result<Vec<LogEntry>> {
+async fn collect(fleet: &mut helpers::Fleet, request: TailLogsRequest) -> anyhow::Result<Vec<LogEntry>> {
     let mut stream = fleet.tail_logs(request).await?.into_inner();
     let mut entries = Vec::new();
     while let Some(entry) = tokio::time::timeout(WITHIN, stream.next()).await? {
@@ -132,7 +132,7 @@ async fn a_reader_slower_than_the_writer_loses_whole_lines_and_is_told_how_many_
         .initial_connection_window_size(64 * 1024)
         .connect()
         .await?;
-    let mut fleet = FleetClient::new(channel);
+    let mut fleet = helpers::fleet_over(channel, &cp.admin_key)?;
     let mut stream = fleet.tail_logs(tail(&running.id, 0, false)).await?.into_inner();
     // Long enough for the droplet to read all 6 MB even on a busy machine.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -19,16 +19,16 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::{
+    auth::{self, Caller, Owned, Scope},
     commands::{self, Options},
     deployments::{self, Verb},
-    enrollment, live,
+    enrollment, labels, live,
     state::State,
     store::{self, DropletRow, DropletStatus},
 };
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
-const PAGE_TOKEN_PREFIX: &str = "droplets/after/";
 
 pub struct FleetApi {
     db: PgPool,
@@ -86,9 +86,16 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// How a change's command is to be issued, from the request.
-fn options(options: Option<proto::CommandOptions>, remote: Option<std::net::SocketAddr>) -> Result<Options, Status> {
+fn options(
+    options: Option<proto::CommandOptions>,
+    caller: &Caller,
+    remote: Option<std::net::SocketAddr>,
+) -> Result<Options, Status> {
     let mut options = Options::try_from(options).map_err(Status::invalid_argument)?;
-    options.requested_by = remote.map(|a| format!("api {}", a.ip())).unwrap_or_else(|| "api".into());
+    options.requested_by = match remote {
+        Some(remote) => format!("{} from {}", caller.principal, remote.ip()),
+        None => caller.principal.clone(),
+    };
     Ok(options)
 }
 
@@ -111,11 +118,64 @@ fn grace(grace: Option<prost_types::Duration>) -> Result<Option<prost_types::Dur
 }
 
 impl FleetApi {
+    /// The authenticated caller, when its scope allows `call`.
+    async fn caller<T>(&self, request: &Request<T>, scope: Scope, call: &str) -> Result<Caller, Status> {
+        let caller = self.state.keys.authenticate(request.metadata()).await?;
+        caller.require(scope, call)?;
+        Ok(caller)
+    }
+
+    /// The deployment `id` names, when the caller may reach it with `scope`.
+    async fn deployment<T>(&self, request: &Request<T>, scope: Scope, call: &str, id: &str) -> Result<Uuid, Status> {
+        let caller = self.caller(request, scope, call).await?;
+        let id = parse_id(if call == "ListTools" || call == "TailLogs" { "deployment_id" } else { "id" }, id)?;
+        caller.reach(&self.db, Owned::Deployment, id).await?;
+        Ok(id)
+    }
+
+    /// A change to deployment `id`: needs `write`.
+    async fn change<T>(&self, request: &Request<T>, call: &str, id: &str) -> Result<(Uuid, Caller), Status> {
+        let caller = self.caller(request, Scope::Write, call).await?;
+        let id = parse_id("id", id)?;
+        caller.reach(&self.db, Owned::Deployment, id).await?;
+        Ok((id, caller))
+    }
+
+    async fn command<T>(&self, request: &Request<T>, call: &str, id: &str) -> Result<Uuid, Status> {
+        let caller = self.caller(request, Scope::Read, call).await?;
+        let id = parse_id("id", id)?;
+        caller.reach(&self.db, Owned::Command, id).await?;
+        Ok(id)
+    }
+
     async fn lifecycle(&self, id: Uuid, verb: Verb, options: Options) -> Result<Response<Deployment>, Status> {
         let deployment = deployments::lifecycle(&self.state, id, verb, &options).await.map_err(deployment_status)?;
         tracing::info!(deployment_id = %id, ?verb, "deployment lifecycle");
         Ok(Response::new(deployment))
     }
+}
+
+/// `page_size` as asked, within bounds.
+fn page_size(asked: u32) -> Result<u32, Status> {
+    match asked {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(Status::invalid_argument(format!("page_size: at most {MAX_PAGE_SIZE}, got {n}"))),
+        n => Ok(n),
+    }
+}
+
+/// The last page's token when more rows follow (`rows` holds one more than a page).
+fn next_page<T>(rows: &mut Vec<T>, size: u32, id_of: impl Fn(&T) -> Uuid, prefix: &str) -> String {
+    let more = rows.len() > size as usize;
+    rows.truncate(size as usize);
+    match rows.last() {
+        Some(last) if more => encode_page_token(prefix, id_of(last)),
+        _ => String::new(),
+    }
+}
+
+fn optional_id(field: &str, value: &str) -> Result<Option<Uuid>, Status> {
+    if value.is_empty() { Ok(None) } else { parse_id(field, value).map(Some) }
 }
 
 #[tonic::async_trait]
@@ -124,77 +184,107 @@ impl Fleet for FleetApi {
         &self,
         request: Request<CreateDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let caller = self.caller(&request, Scope::Write, "CreateDeployment").await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let droplet = DropletId::from_uuid(parse_id("droplet_id", &request.droplet_id)?);
+        let droplet = parse_id("droplet_id", &request.droplet_id)?;
+        caller.reach(&self.db, Owned::Droplet, droplet).await?;
+        let droplet = DropletId::from_uuid(droplet);
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let created =
-            deployments::create(&self.state, droplet, &request.name, spec, &options(request.options, remote)?)
-                .await
-                .map_err(deployment_status)?;
-        tracing::info!(deployment_id = %created.id, droplet_id = %droplet, "deployment created");
+        let options = options(request.options, &caller, remote)?;
+        let created = deployments::create(&self.state, droplet, &request.name, spec, &options)
+            .await
+            .map_err(deployment_status)?;
+        tracing::info!(deployment_id = %created.id, droplet_id = %droplet, by = %caller.principal, "deployment created");
         Ok(Response::new(created))
     }
 
     async fn list_tools(&self, request: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
-        let id = parse_id("deployment_id", &request.get_ref().deployment_id)?;
+        let id = self.deployment(&request, Scope::Read, "ListTools", &request.get_ref().deployment_id).await?;
         Ok(Response::new(deployments::tools(&self.state, id).await.map_err(deployment_status)?))
     }
 
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
-        let id = parse_id("id", &request.get_ref().id)?;
+        let id = self.deployment(&request, Scope::Read, "GetDeployment", &request.get_ref().id).await?;
         Ok(Response::new(deployments::get(&self.state, id).await.map_err(deployment_status)?))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<proto::ListDeploymentsRequest>,
+    ) -> Result<Response<proto::ListDeploymentsResponse>, Status> {
+        let caller = self.caller(&request, Scope::Read, "ListDeployments").await?;
+        let request = request.into_inner();
+        let droplet = optional_id("droplet_id", &request.droplet_id)?;
+        if let Some(droplet) = droplet {
+            caller.reach(&self.db, Owned::Droplet, droplet).await?;
+        }
+        let size = page_size(request.page_size)?;
+        let filter = deployments::Filter {
+            droplet,
+            account: caller.list_account(&request.account)?,
+            include_removed: request.include_removed,
+            after: decode_page_token(DEPLOYMENTS_PAGE, &request.page_token)?,
+            limit: i64::from(size) + 1,
+        };
+        let mut rows = deployments::list(&self.state, &filter).await.map_err(deployment_status)?;
+        let next_page_token =
+            next_page(&mut rows, size, |d| Uuid::try_parse(&d.id).unwrap_or_default(), DEPLOYMENTS_PAGE);
+        Ok(Response::new(proto::ListDeploymentsResponse { deployments: rows, next_page_token }))
     }
 
     async fn start_deployment(
         &self,
         request: Request<proto::StartDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let (id, caller) = self.change(&request, "StartDeployment", &request.get_ref().id).await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Start, options(request.options, remote)?).await
+        self.lifecycle(id, Verb::Start, options(request.options, &caller, remote)?).await
     }
 
     async fn stop_deployment(
         &self,
         request: Request<proto::StopDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let (id, caller) = self.change(&request, "StopDeployment", &request.get_ref().id).await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Stop { grace: grace(request.grace)? }, options(request.options, remote)?).await
+        let verb = Verb::Stop { grace: grace(request.grace)? };
+        self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
     async fn restart_deployment(
         &self,
         request: Request<proto::RestartDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let (id, caller) = self.change(&request, "RestartDeployment", &request.get_ref().id).await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Restart { grace: grace(request.grace)? }, options(request.options, remote)?).await
+        let verb = Verb::Restart { grace: grace(request.grace)? };
+        self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
     async fn remove_deployment(
         &self,
         request: Request<proto::RemoveDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let (id, caller) = self.change(&request, "RemoveDeployment", &request.get_ref().id).await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
-        self.lifecycle(id, Verb::Remove { volumes: request.remove_volumes }, options(request.options, remote)?).await
+        let verb = Verb::Remove { volumes: request.remove_volumes };
+        self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
     async fn update_deployment(
         &self,
         request: Request<proto::UpdateDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
+        let (id, caller) = self.change(&request, "UpdateDeployment", &request.get_ref().id).await?;
         let remote = request.remote_addr();
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let options = options(request.options, remote)?;
+        let options = options(request.options, &caller, remote)?;
         Ok(Response::new(deployments::update(&self.state, id, spec, &options).await.map_err(deployment_status)?))
     }
 
@@ -202,9 +292,9 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::GetCommandRequest>,
     ) -> Result<Response<proto::CommandRecord>, Status> {
-        let id = parse_id("id", &request.get_ref().id)?;
+        let id = self.command(&request, "GetCommand", &request.get_ref().id).await?;
         let row = commands::get(&self.db, id).await.map_err(db_error)?;
-        let row = row.ok_or_else(|| Status::not_found(format!("command {id} not found")))?;
+        let row = row.ok_or_else(|| Owned::Command.not_found(id))?;
         Ok(Response::new(commands::to_proto(&row)))
     }
 
@@ -212,26 +302,20 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::ListCommandsRequest>,
     ) -> Result<Response<proto::ListCommandsResponse>, Status> {
+        let caller = self.caller(&request, Scope::Read, "ListCommands").await?;
         let request = request.into_inner();
-        let optional = |field: &str, value: &str| {
-            if value.is_empty() { Ok(None) } else { parse_id(field, value).map(Some) }
-        };
-        let droplet = optional("droplet_id", &request.droplet_id)?;
-        let deployment = optional("deployment_id", &request.deployment_id)?;
-        if droplet.is_none() && deployment.is_none() {
-            return Err(Status::invalid_argument("droplet_id, deployment_id: give at least one"));
+        let droplet = optional_id("droplet_id", &request.droplet_id)?;
+        let deployment = optional_id("deployment_id", &request.deployment_id)?;
+        match (droplet, deployment) {
+            (None, None) => return Err(Status::invalid_argument("droplet_id, deployment_id: give at least one")),
+            (Some(droplet), _) => caller.reach(&self.db, Owned::Droplet, droplet).await?,
+            (None, Some(deployment)) => caller.reach(&self.db, Owned::Deployment, deployment).await?,
         }
         let state = match request.state() {
             proto::command_record::State::Unspecified => None,
             state => Some(state.as_str_name().trim_start_matches("STATE_").to_lowercase()),
         };
-        let limit = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Status::invalid_argument(format!("page_size: at most {MAX_PAGE_SIZE}")));
-            }
-            n => n,
-        };
+        let limit = page_size(request.page_size)?;
         let before = if request.page_token.is_empty() { None } else { Some(command_page_token(&request.page_token)?) };
         let rows = commands::list(&self.db, droplet, deployment, state.as_deref(), before, i64::from(limit) + 1)
             .await
@@ -254,8 +338,8 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::WaitCommandRequest>,
     ) -> Result<Response<proto::CommandRecord>, Status> {
+        let id = self.command(&request, "WaitCommand", &request.get_ref().id).await?;
         let request = request.into_inner();
-        let id = parse_id("id", &request.id)?;
         let timeout = match request.timeout.map(Duration::try_from) {
             None => DEFAULT_WAIT,
             Some(Ok(t)) if t <= MAX_WAIT => t,
@@ -266,7 +350,7 @@ impl Fleet for FleetApi {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let row = commands::get(&self.db, id).await.map_err(db_error)?;
-            let row = row.ok_or_else(|| Status::not_found(format!("command {id} not found")))?;
+            let row = row.ok_or_else(|| Owned::Command.not_found(id))?;
             if commands::is_final(&row.state) {
                 return Ok(Response::new(commands::to_proto(&row)));
             }
@@ -288,16 +372,18 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::InspectDeploymentRequest>,
     ) -> Result<Response<proto::ContainerStatus>, Status> {
-        let forwarded = request.metadata().contains_key(live::FORWARDED);
-        Ok(Response::new(live::inspect(&self.state, &request.get_ref().id, forwarded).await?))
+        self.deployment(&request, Scope::Read, "InspectDeployment", &request.get_ref().id).await?;
+        let origin = live::Origin::of(request.metadata());
+        Ok(Response::new(live::inspect(&self.state, &request.get_ref().id, &origin).await?))
     }
 
     async fn check_deployment_health(
         &self,
         request: Request<proto::CheckDeploymentHealthRequest>,
     ) -> Result<Response<proto::CheckDeploymentHealthResponse>, Status> {
-        let forwarded = request.metadata().contains_key(live::FORWARDED);
-        Ok(Response::new(live::check_health(&self.state, &request.get_ref().id, forwarded).await?))
+        self.deployment(&request, Scope::Read, "CheckDeploymentHealth", &request.get_ref().id).await?;
+        let origin = live::Origin::of(request.metadata());
+        Ok(Response::new(live::check_health(&self.state, &request.get_ref().id, &origin).await?))
     }
 
     type TailLogsStream = live::LogStream;
@@ -306,20 +392,23 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        let forwarded = request.metadata().contains_key(live::FORWARDED);
-        Ok(Response::new(live::tail_logs(&self.state, request.into_inner(), forwarded).await?))
+        self.deployment(&request, Scope::Read, "TailLogs", &request.get_ref().deployment_id).await?;
+        let origin = live::Origin::of(request.metadata());
+        Ok(Response::new(live::tail_logs(&self.state, request.into_inner(), &origin).await?))
     }
 
     async fn delete_droplet(
         &self,
         request: Request<DeleteDropletRequest>,
     ) -> Result<Response<DeleteDropletResponse>, Status> {
+        let caller = self.caller(&request, Scope::Write, "DeleteDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
+        caller.reach(&self.db, Owned::Droplet, id).await?;
         let revoked = match store::delete_droplet(&self.db, id).await.map_err(db_error)? {
             Some(revoked) => revoked,
-            None => return Err(Status::not_found(format!("droplet {id} not found"))),
+            None => return Err(Owned::Droplet.not_found(id)),
         };
-        tracing::info!(droplet_id = %id, certificates = revoked.len(), "droplet deleted");
+        tracing::info!(droplet_id = %id, certificates = revoked.len(), by = %caller.principal, "droplet deleted");
         Ok(Response::new(DeleteDropletResponse { revoked_certificate_serials: revoked }))
     }
 
@@ -327,24 +416,34 @@ impl Fleet for FleetApi {
         &self,
         request: Request<CreateEnrollmentTokenRequest>,
     ) -> Result<Response<CreateEnrollmentTokenResponse>, Status> {
+        let caller = self.caller(&request, Scope::Write, "CreateEnrollmentToken").await?;
         let request = request.into_inner();
-        let droplet = match request.droplet_id.as_str() {
-            "" => None,
-            id => Some(DropletId::from_uuid(parse_id("droplet_id", id)?)),
-        };
+        let droplet = optional_id("droplet_id", &request.droplet_id)?;
+        if let Some(droplet) = droplet {
+            caller.reach(&self.db, Owned::Droplet, droplet).await?;
+        }
         let ttl = match request.ttl {
             None => enrollment::DEFAULT_TTL,
             Some(ttl) => {
                 Duration::try_from(ttl).map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))?
             }
         };
-        let account = if request.account.is_empty() { store::DEFAULT_ACCOUNT } else { &request.account };
+        let account = match droplet {
+            // A token for an existing droplet is in the droplet's account.
+            Some(droplet) => store::get_droplet(&self.db, droplet)
+                .await
+                .map_err(db_error)?
+                .map(|d| d.account)
+                .ok_or_else(|| Owned::Droplet.not_found(droplet))?,
+            None => caller.create_account(&request.account)?,
+        };
         let ca = &self.state.authorities.active;
-        let created = enrollment::create(&self.db, ca, account, droplet, &request.name, ttl).await.map_err(
+        let droplet = droplet.map(DropletId::from_uuid);
+        let created = enrollment::create(&self.db, ca, &account, droplet, &request.name, ttl).await.map_err(
             |error| match error {
                 enrollment::CreateError::Store(store::TokenCreateError::Database(error)) => db_error(error),
                 enrollment::CreateError::Store(store::TokenCreateError::OtherAccount(id)) => {
-                    Status::not_found(format!("droplet {id} not found"))
+                    Owned::Droplet.not_found(id)
                 }
                 enrollment::CreateError::Store(store::TokenCreateError::NoAccount(_)) => {
                     Status::not_found(format!("account: {error}"))
@@ -355,7 +454,7 @@ impl Fleet for FleetApi {
                 other => Status::invalid_argument(other.to_string()),
             },
         )?;
-        tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, "enrollment token created");
+        tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, by = %caller.principal, "enrollment token created");
         Ok(Response::new(CreateEnrollmentTokenResponse {
             token: created.token,
             enrollment_token: Some(token_to_proto(created.row)),
@@ -367,8 +466,9 @@ impl Fleet for FleetApi {
         &self,
         request: Request<ListEnrollmentTokensRequest>,
     ) -> Result<Response<ListEnrollmentTokensResponse>, Status> {
-        let account = Some(request.get_ref().account.as_str()).filter(|a| !a.is_empty());
-        let rows = store::list_tokens(&self.db, account).await.map_err(db_error)?;
+        let caller = self.caller(&request, Scope::Read, "ListEnrollmentTokens").await?;
+        let account = caller.list_account(&request.get_ref().account)?;
+        let rows = store::list_tokens(&self.db, account.as_deref()).await.map_err(db_error)?;
         Ok(Response::new(ListEnrollmentTokensResponse {
             enrollment_tokens: rows.into_iter().map(token_to_proto).collect(),
         }))
@@ -378,12 +478,14 @@ impl Fleet for FleetApi {
         &self,
         request: Request<RevokeEnrollmentTokenRequest>,
     ) -> Result<Response<EnrollmentToken>, Status> {
+        let caller = self.caller(&request, Scope::Write, "RevokeEnrollmentToken").await?;
         let id = parse_id("id", &request.get_ref().id)?;
+        caller.reach(&self.db, Owned::EnrollmentToken, id).await?;
         store::revoke_token(&self.db, id).await.map_err(db_error)?;
         let row = store::get_token(&self.db, id)
             .await
             .map_err(db_error)?
-            .ok_or_else(|| Status::not_found(format!("enrollment token {id} not found")))?;
+            .ok_or_else(|| Owned::EnrollmentToken.not_found(id))?;
         if row.used_at.is_some() {
             return Err(Status::failed_precondition(format!("enrollment token {id} was already used")));
         }
@@ -391,9 +493,10 @@ impl Fleet for FleetApi {
     }
 
     async fn get_droplet(&self, request: Request<GetDropletRequest>) -> Result<Response<Droplet>, Status> {
+        let caller = self.caller(&request, Scope::Read, "GetDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
         let row = store::get_droplet(&self.db, id).await.map_err(db_error)?;
-        let row = row.ok_or_else(|| Status::not_found(format!("droplet {id} not found")))?;
+        let row = row.filter(|row| caller.sees(&row.account)).ok_or_else(|| Owned::Droplet.not_found(id))?;
         Ok(Response::new(droplet_to_proto(row)))
     }
 
@@ -401,18 +504,9 @@ impl Fleet for FleetApi {
         &self,
         request: Request<ListDropletsRequest>,
     ) -> Result<Response<ListDropletsResponse>, Status> {
+        let caller = self.caller(&request, Scope::Read, "ListDroplets").await?;
         let request = request.into_inner();
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Status::invalid_argument(format!("page_size: at most {MAX_PAGE_SIZE}, got {n}")));
-            }
-            n => n,
-        };
-        let after = match request.page_token.as_str() {
-            "" => None,
-            token => Some(decode_page_token(token)?),
-        };
+        let size = page_size(request.page_size)?;
         let status = match proto::DropletStatus::try_from(request.status) {
             Ok(proto::DropletStatus::Unspecified) => None,
             Ok(status) => Some(status_from_proto(status)),
@@ -420,34 +514,134 @@ impl Fleet for FleetApi {
                 return Err(Status::invalid_argument(format!("status: {} is not a droplet status", request.status)));
             }
         };
-        // One more than asked tells whether another page follows.
-        let mut rows =
-            store::list_droplets(&self.db, after, status, i64::from(page_size) + 1).await.map_err(db_error)?;
-        let more = rows.len() > page_size as usize;
-        rows.truncate(page_size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_page_token(last.id),
-            _ => String::new(),
+        let filter = store::DropletFilter {
+            after: decode_page_token(DROPLETS_PAGE, &request.page_token)?,
+            status,
+            account: caller.list_account(&request.account)?,
+            selector: request
+                .label_selector
+                .parse()
+                .map_err(|problem| Status::invalid_argument(format!("label_selector: {problem}")))?,
         };
+        // One more than asked tells whether another page follows.
+        let mut rows = store::list_droplets(&self.db, &filter, i64::from(size) + 1).await.map_err(db_error)?;
+        let next_page_token = next_page(&mut rows, size, |d| d.id, DROPLETS_PAGE);
         Ok(Response::new(ListDropletsResponse {
             droplets: rows.into_iter().map(droplet_to_proto).collect(),
             next_page_token,
         }))
     }
+
+    async fn update_droplet_labels(
+        &self,
+        request: Request<proto::UpdateDropletLabelsRequest>,
+    ) -> Result<Response<Droplet>, Status> {
+        let caller = self.caller(&request, Scope::Write, "UpdateDropletLabels").await?;
+        let request = request.into_inner();
+        let id = parse_id("id", &request.id)?;
+        caller.reach(&self.db, Owned::Droplet, id).await?;
+        let labels: std::collections::BTreeMap<String, String> = request.labels.into_iter().collect();
+        let problems = labels::validate(&labels);
+        if !problems.is_empty() {
+            return Err(bad_fields("labels", &problems));
+        }
+        let row = store::set_labels(&self.db, id, &labels).await.map_err(db_error)?;
+        Ok(Response::new(droplet_to_proto(row.ok_or_else(|| Owned::Droplet.not_found(id))?)))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<proto::CreateApiKeyRequest>,
+    ) -> Result<Response<proto::CreateApiKeyResponse>, Status> {
+        let caller = self.caller(&request, Scope::Admin, "CreateApiKey").await?;
+        let request = request.into_inner();
+        let scope = Scope::parse(&request.scope).ok_or_else(|| {
+            Status::invalid_argument(format!("scope: {:?} is not a scope: read, write or admin", request.scope))
+        })?;
+        let expires_in = match request.expires_in {
+            None => None,
+            Some(d) => Some(
+                Duration::try_from(d)
+                    .map_err(|_| Status::invalid_argument("expires_in: must be a positive duration"))?,
+            ),
+        };
+        let account = caller.create_account(&request.account)?;
+        let created =
+            auth::create(&self.db, &account, scope, &request.name, expires_in).await.map_err(|error| match error {
+                auth::KeyError::Database(error) => db_error(error),
+                invalid => Status::invalid_argument(invalid.to_string()),
+            })?;
+        tracing::info!(api_key_id = %created.id, %account, %scope, by = %caller.principal, "API key created");
+        Ok(Response::new(proto::CreateApiKeyResponse { key: created.key, api_key: Some(key_to_proto(created.row)) }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<proto::ListApiKeysRequest>,
+    ) -> Result<Response<proto::ListApiKeysResponse>, Status> {
+        let caller = self.caller(&request, Scope::Admin, "ListApiKeys").await?;
+        let account = caller.list_account(&request.get_ref().account)?;
+        let rows = auth::list(&self.db, account.as_deref()).await.map_err(db_error)?;
+        Ok(Response::new(proto::ListApiKeysResponse { api_keys: rows.into_iter().map(key_to_proto).collect() }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<proto::RevokeApiKeyRequest>,
+    ) -> Result<Response<proto::ApiKey>, Status> {
+        let caller = self.caller(&request, Scope::Admin, "RevokeApiKey").await?;
+        let id = parse_id("id", &request.get_ref().id)?;
+        caller.reach(&self.db, Owned::ApiKey, id).await?;
+        let row = auth::revoke(&self.db, id).await.map_err(db_error)?.ok_or_else(|| Owned::ApiKey.not_found(id))?;
+        tracing::info!(api_key_id = %id, by = %caller.principal, "API key revoked");
+        Ok(Response::new(key_to_proto(row)))
+    }
 }
+
+/// `InvalidArgument` with one `BadRequest` field violation per problem.
+fn bad_fields(field: &str, problems: &[String]) -> Status {
+    use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
+    let violations: Vec<FieldViolation> = problems.iter().map(|p| FieldViolation::new(field, p.clone())).collect();
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        format!("{field}: {}", problems.join("; ")),
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
+pub fn key_to_proto(row: auth::KeyRow) -> proto::ApiKey {
+    proto::ApiKey {
+        id: row.id.to_string(),
+        account: row.account,
+        name: row.name,
+        scope: row.scope,
+        prefix: row.prefix,
+        created_at: Some(timestamp(row.created_at)),
+        expires_at: row.expires_at.map(timestamp),
+        revoked_at: row.revoked_at.map(timestamp),
+        last_used_at: row.last_used_at.map(timestamp),
+    }
+}
+
+const DROPLETS_PAGE: &str = "droplets/after/";
+const DEPLOYMENTS_PAGE: &str = "deployments/after/";
 
 /// Page tokens are opaque to clients: keyset positions, so pages stay stable while rows
 /// are added.
-fn encode_page_token(after: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{after}"))
+fn encode_page_token(prefix: &str, after: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{prefix}{after}"))
 }
 
-fn decode_page_token(token: &str) -> Result<Uuid, Status> {
+/// The position in a page token; `None` for the first page (no token).
+fn decode_page_token(prefix: &str, token: &str) -> Result<Option<Uuid>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
     let invalid = || Status::invalid_argument("page_token: not a token this server issued");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let id = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(invalid)?;
-    Uuid::try_parse(id).map_err(|_| invalid())
+    let id = text.strip_prefix(prefix).ok_or_else(invalid)?;
+    Uuid::try_parse(id).map(Some).map_err(|_| invalid())
 }
 
 pub fn token_to_proto(row: store::TokenRow) -> EnrollmentToken {
@@ -558,9 +752,11 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_foreign_ones_are_refused() {
         let id = Uuid::new_v4();
-        assert_eq!(decode_page_token(&encode_page_token(id)).ok(), Some(id));
-        for bad in ["", "!!!", "ZHJvcGxldHM", &URL_SAFE_NO_PAD.encode("droplets/after/nope")] {
-            let status = decode_page_token(bad).expect_err(bad);
+        assert_eq!(decode_page_token(DROPLETS_PAGE, &encode_page_token(DROPLETS_PAGE, id)).ok(), Some(Some(id)));
+        assert_eq!(decode_page_token(DROPLETS_PAGE, "").ok(), Some(None));
+        let other = encode_page_token(DEPLOYMENTS_PAGE, id);
+        for bad in ["!!!", "ZHJvcGxldHM", &URL_SAFE_NO_PAD.encode("droplets/after/nope"), &other] {
+            let status = decode_page_token(DROPLETS_PAGE, bad).expect_err(bad);
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with("page_token"));
         }

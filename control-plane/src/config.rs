@@ -1,6 +1,6 @@
 //! Command-line configuration, with environment fallbacks.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use flotilla::DropletId;
@@ -28,6 +28,9 @@ pub enum Command {
     /// Manage droplet certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Manage keys for the fleet API.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
 }
 
 /// Where the fleet's state and its CA key are.
@@ -129,6 +132,48 @@ pub enum TokenCommand {
     },
 }
 
+/// Only the database: API keys live there.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key for the fleet API. The key is printed once, on stdout; only its hash
+    /// is kept.
+    Create {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The account the key acts for (created when new).
+        #[arg(long, default_value = "default")]
+        account: String,
+        /// read: get, list, watch, logs, tools. write: also changes. admin: also API
+        /// keys, and every account.
+        #[arg(long)]
+        scope: crate::auth::Scope,
+        /// Never expires when omitted (e.g. 90d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Revoke a key: calls with it fail from now on.
+    Revoke {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        id: uuid::Uuid,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DropletCommand {
     /// Delete a droplet: its certificates are revoked and its session closed at once.
@@ -176,6 +221,10 @@ pub struct ServeArgs {
     pub public_names: Vec<String>,
     #[command(flatten)]
     pub timing: Timing,
+    /// Fleet API requests per second allowed to each API key (bursts of twice that);
+    /// more are refused with RESOURCE_EXHAUSTED (HTTP 429 with Retry-After).
+    #[arg(long, env = "FLOTILLA_API_RATE_LIMIT", default_value_t = NonZeroU32::new(crate::auth::DEFAULT_RATE).unwrap_or(NonZeroU32::MIN))]
+    pub api_rate_limit: NonZeroU32,
     /// Connections to PostgreSQL.
     #[arg(long, env = "FLOTILLA_DATABASE_CONNECTIONS", default_value_t = 16)]
     pub database_connections: u32,

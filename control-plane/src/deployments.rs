@@ -459,3 +459,53 @@ mod tests {
         assert_eq!(masked.registry_auth.map(|a| (a.username, a.password)), Some(("me".into(), "***".into())));
     }
 }
+
+/// A deployment as listed: its row, the container's last report, its newest command.
+#[derive(sqlx::FromRow)]
+struct Listed {
+    #[sqlx(flatten)]
+    row: store::DeploymentRow,
+    container: Option<Vec<u8>>,
+    last_command: Option<Uuid>,
+}
+
+/// Which deployments `list` returns.
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub droplet: Option<Uuid>,
+    pub account: Option<String>,
+    pub include_removed: bool,
+    /// Keyset position: deployments ordered by id after this one.
+    pub after: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// Deployments in id order, each with its container and newest command, in one query.
+pub async fn list(state: &State, filter: &Filter) -> Result<Vec<proto::Deployment>, DeploymentError> {
+    let rows: Vec<Listed> = sqlx::query_as(
+        "SELECT d.*, c.status AS container,
+                (SELECT id FROM commands WHERE deployment_id = d.id ORDER BY seq DESC LIMIT 1) AS last_command
+         FROM deployments d LEFT JOIN containers c ON c.deployment_id = d.id
+         WHERE ($1::uuid IS NULL OR d.droplet_id = $1)
+           AND ($2::text IS NULL OR d.account = $2)
+           AND ($3 OR d.desired_state <> 'removed')
+           AND ($4::uuid IS NULL OR d.id > $4)
+         ORDER BY d.id
+         LIMIT $5",
+    )
+    .bind(filter.droplet)
+    .bind(filter.account.as_deref())
+    .bind(filter.include_removed)
+    .bind(filter.after)
+    .bind(filter.limit)
+    .fetch_all(&state.db)
+    .await?;
+    rows.into_iter()
+        .map(|listed| {
+            let container = listed.container.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
+            let mut deployment = to_proto(state, listed.row, container)?;
+            deployment.last_command_id = listed.last_command.map(|c| c.to_string()).unwrap_or_default();
+            Ok(deployment)
+        })
+        .collect()
+}

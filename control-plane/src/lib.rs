@@ -4,12 +4,14 @@
 //! `serve` is the whole server; `main.rs` only parses flags, binds and waits for a signal.
 
 pub mod api;
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod deployments;
 pub mod enrollment;
 pub mod gateway;
+pub mod labels;
 pub mod live;
 pub mod liveness;
 pub mod notify;

@@ -104,9 +104,9 @@ pub const FORWARDED: &str = "flotilla-forwarded-by";
 
 /// A client of the replica holding the droplet's session, when that is another replica
 /// and this request was not forwarded already; otherwise the "not connected" error.
-async fn holder(state: &State, droplet: DropletId, forwarded: bool) -> Result<FleetClient<Channel>, Status> {
+async fn holder(state: &State, droplet: DropletId, origin: &Origin) -> Result<FleetClient<Channel>, Status> {
     let not_connected = || request_error(droplet, RequestError::NotConnected);
-    if forwarded {
+    if origin.forwarded {
         return Err(not_connected());
     }
     let address = match replicas::holder_api(&state.db, droplet, state.replica).await {
@@ -131,11 +131,30 @@ async fn holder(state: &State, droplet: DropletId, forwarded: bool) -> Result<Fl
     }
 }
 
+/// Where a live request came from: a client, or another replica passing one on.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// Another replica sent it: it is never forwarded again.
+    pub forwarded: bool,
+    /// The caller's credentials, passed on so the replica holding the session checks
+    /// them again (every replica decides access for itself).
+    pub authorization: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+impl Origin {
+    pub fn of(metadata: &tonic::metadata::MetadataMap) -> Self {
+        Self { forwarded: metadata.contains_key(FORWARDED), authorization: metadata.get("authorization").cloned() }
+    }
+}
+
 /// `message` as a request forwarded by this replica.
-fn forward<T>(state: &State, message: T) -> tonic::Request<T> {
+fn forward<T>(state: &State, message: T, origin: &Origin) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(value) = state.replica.to_string().parse() {
         request.metadata_mut().insert(FORWARDED, value);
+    }
+    if let Some(authorization) = origin.authorization.clone() {
+        request.metadata_mut().insert("authorization", authorization);
     }
     request
 }
@@ -178,28 +197,28 @@ async fn ask(state: &State, deployment: Uuid, kind: command::Kind) -> Result<Req
     Ok(answered?)
 }
 
-pub async fn inspect(state: &State, id: &str, forwarded: bool) -> Result<ContainerStatus, Status> {
+pub async fn inspect(state: &State, id: &str, origin: &Origin) -> Result<ContainerStatus, Status> {
     let deployment = parse("id", id)?;
     let kind = command::Kind::Inspect(Inspect { deployment_id: deployment.to_string() });
     match ask(state, deployment, kind).await {
         Ok(reply) => reply.container.ok_or_else(|| Status::internal("the droplet's answer carried no container")),
         Err(Unanswered::Failed(status)) => Err(status),
         Err(Unanswered::NotHere(droplet)) => {
-            let request = forward(state, InspectDeploymentRequest { id: id.to_owned() });
-            Ok(holder(state, droplet, forwarded).await?.inspect_deployment(request).await?.into_inner())
+            let request = forward(state, InspectDeploymentRequest { id: id.to_owned() }, origin);
+            Ok(holder(state, droplet, origin).await?.inspect_deployment(request).await?.into_inner())
         }
     }
 }
 
-pub async fn check_health(state: &State, id: &str, forwarded: bool) -> Result<CheckDeploymentHealthResponse, Status> {
+pub async fn check_health(state: &State, id: &str, origin: &Origin) -> Result<CheckDeploymentHealthResponse, Status> {
     let deployment = parse("id", id)?;
     let kind = command::Kind::CheckHealth(CheckHealth { deployment_id: deployment.to_string() });
     match ask(state, deployment, kind).await {
         Ok(reply) => Ok(CheckDeploymentHealthResponse { health: reply.health, container: reply.container }),
         Err(Unanswered::Failed(status)) => Err(status),
         Err(Unanswered::NotHere(droplet)) => {
-            let request = forward(state, CheckDeploymentHealthRequest { id: id.to_owned() });
-            Ok(holder(state, droplet, forwarded).await?.check_deployment_health(request).await?.into_inner())
+            let request = forward(state, CheckDeploymentHealthRequest { id: id.to_owned() }, origin);
+            Ok(holder(state, droplet, origin).await?.check_deployment_health(request).await?.into_inner())
         }
     }
 }
@@ -208,7 +227,7 @@ pub async fn check_health(state: &State, id: &str, forwarded: bool) -> Result<Ch
 pub type LogStream = std::pin::Pin<Box<dyn Stream<Item = Result<LogEntry, Status>> + Send>>;
 
 /// Streams a deployment's logs from its droplet.
-pub async fn tail_logs(state: &State, request: TailLogsRequest, forwarded: bool) -> Result<LogStream, Status> {
+pub async fn tail_logs(state: &State, request: TailLogsRequest, origin: &Origin) -> Result<LogStream, Status> {
     let deployment = parse("deployment_id", &request.deployment_id)?;
     let droplet = droplet_of(state, deployment).await?;
     let (tx, rx) = log_queue();
@@ -223,8 +242,8 @@ pub async fn tail_logs(state: &State, request: TailLogsRequest, forwarded: bool)
         Err(RequestError::NotConnected) => {
             // The stream of the replica holding the session, passed through as it comes
             // (its bounds and drop markers apply); hanging up here hangs up there.
-            let mut holder = holder(state, droplet, forwarded).await?;
-            let stream = holder.tail_logs(forward(state, request)).await?.into_inner();
+            let mut holder = holder(state, droplet, origin).await?;
+            let stream = holder.tail_logs(forward(state, request, origin)).await?.into_inner();
             return Ok(Box::pin(stream));
         }
         Err(error) => return Err(request_error(droplet, error)),

@@ -4,8 +4,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use flotilla::DropletId;
 use flotilla_control_plane::{
-    Listeners, ServeConfig, api,
-    config::{CaCommand, CertCommand, Cli, Command, DropletCommand, ServeArgs, StateArgs, TokenCommand},
+    Listeners, ServeConfig, api, auth,
+    config::{ApiKeyCommand, CaCommand, CertCommand, Cli, Command, DropletCommand, ServeArgs, StateArgs, TokenCommand},
     crypto::MasterKey,
     enrollment,
     pki::{self, Authorities},
@@ -44,6 +44,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => run_serve(*args).await,
         Command::Ca(command) => run_ca(command).await,
         Command::Token(command) => run_token(command).await,
+        Command::ApiKey(command) => run_api_key(command).await,
         Command::Droplet(DropletCommand::Delete { state, id }) => {
             let db = store::connect(&state.database_url, 2).await?;
             match store::delete_droplet(&db, id.as_uuid()).await? {
@@ -130,6 +131,47 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     }
 }
 
+async fn run_api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
+    match command {
+        ApiKeyCommand::Create { db, account, scope, expires, name } => {
+            let db = store::connect(&db.database_url, 2).await?;
+            // The first key may come before the first start of a control plane.
+            store::MIGRATOR.run(&db).await.context("applying database migrations")?;
+            let created = auth::create(&db, &account, scope, &name, expires).await?;
+            let expires = created.row.expires_at.map(|at| format!("expires {at}")).unwrap_or("never expires".into());
+            eprintln!("API key {} for account {account}, scope {scope}, {expires}; it is shown once:", created.id);
+            println!("{}", created.key);
+            Ok(())
+        }
+        ApiKeyCommand::List { db, account } => {
+            let db = store::connect(&db.database_url, 2).await?;
+            for key in auth::list(&db, account.as_deref()).await?.into_iter().map(api::key_to_proto) {
+                let state = match (&key.revoked_at, &key.expires_at) {
+                    (Some(_), _) => "revoked".to_owned(),
+                    (None, Some(at)) => format!("expires {at}"),
+                    (None, None) => "active".to_owned(),
+                };
+                let used = key.last_used_at.map(|t| format!("last used {t}")).unwrap_or("never used".into());
+                println!(
+                    "{}  {}…  {:<10}  {:<5}  {state}  {used}  {}",
+                    key.id, key.prefix, key.account, key.scope, key.name
+                );
+            }
+            Ok(())
+        }
+        ApiKeyCommand::Revoke { db, id } => {
+            let db = store::connect(&db.database_url, 2).await?;
+            match auth::revoke(&db, id).await? {
+                Some(row) => {
+                    println!("revoked API key {id} ({}…, account {})", row.prefix, row.account);
+                    Ok(())
+                }
+                None => anyhow::bail!("API key {id} not found"),
+            }
+        }
+    }
+}
+
 async fn run_token(command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create { state, account, droplet, ttl, name } => {
@@ -186,6 +228,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         timing: args.timing,
         master_key: Arc::new(key),
         cert_validity: args.cert_validity,
+        api_rate_limit: args.api_rate_limit,
     };
     serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }

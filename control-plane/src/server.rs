@@ -1,7 +1,7 @@
 //! The control plane as one function: give it bound listeners, a migrated database and a
 //! shutdown future; it serves until the future resolves, then drains in a fixed order.
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, num::NonZeroU32, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use flotilla::proto::{
@@ -16,6 +16,7 @@ use tonic::transport::Server;
 
 use crate::{
     api::FleetApi,
+    auth::ApiKeys,
     commands::{self, Completions},
     config::Timing,
     crypto::MasterKey,
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub master_key: Arc<MasterKey>,
     /// How long droplet certificates are valid.
     pub cert_validity: Duration,
+    /// API requests per second per key (bursts of twice that).
+    pub api_rate_limit: NonZeroU32,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
@@ -98,6 +101,7 @@ pub async fn serve(
         );
     }
 
+    let db_for_keys = db.clone();
     let state = State {
         db,
         sessions: Sessions::default(),
@@ -108,6 +112,7 @@ pub async fn serve(
         master_key: config.master_key.clone(),
         completions: Completions::default(),
         replica,
+        keys: ApiKeys::new(db_for_keys, config.api_rate_limit),
     };
 
     let stop_accepting = CancellationToken::new();

@@ -25,6 +25,8 @@ pub struct State {
     pub completions: Completions,
     /// This process, among the control planes sharing the database.
     pub replica: uuid::Uuid,
+    /// Checks API credentials and limits each key's rate.
+    pub keys: crate::auth::ApiKeys,
 }
 
 impl State {

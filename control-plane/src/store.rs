@@ -334,23 +334,43 @@ pub async fn get_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<DropletRo
 }
 
 /// Droplets in id order, after `after`, at most `limit`.
-pub async fn list_droplets(
+/// Which droplets `list_droplets` returns.
+#[derive(Debug, Default)]
+pub struct DropletFilter {
+    /// Keyset position: droplets ordered by id after this one.
+    pub after: Option<Uuid>,
+    pub status: Option<DropletStatus>,
+    pub account: Option<String>,
+    pub selector: crate::labels::Selector,
+}
+
+pub async fn list_droplets(db: &PgPool, filter: &DropletFilter, limit: i64) -> sqlx::Result<Vec<DropletRow>> {
+    let mut query = sqlx::QueryBuilder::new("SELECT * FROM droplets WHERE true");
+    if let Some(after) = filter.after {
+        query.push(" AND id > ").push_bind(after);
+    }
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(account) = &filter.account {
+        query.push(" AND account = ").push_bind(account.clone());
+    }
+    filter.selector.push_sql(&mut query);
+    query.push(" ORDER BY id LIMIT ").push_bind(limit);
+    query.build_query_as().fetch_all(db).await
+}
+
+/// Replaces a droplet's labels; `None` when there is no such droplet.
+pub async fn set_labels(
     db: &PgPool,
-    after: Option<Uuid>,
-    status: Option<DropletStatus>,
-    limit: i64,
-) -> sqlx::Result<Vec<DropletRow>> {
-    sqlx::query_as(
-        "SELECT * FROM droplets
-         WHERE ($1::uuid IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2)
-         ORDER BY id
-         LIMIT $3",
-    )
-    .bind(after)
-    .bind(status.map(DropletStatus::as_str))
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    id: Uuid,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> sqlx::Result<Option<DropletRow>> {
+    sqlx::query_as("UPDATE droplets SET labels = $2 WHERE id = $1 RETURNING *")
+        .bind(id)
+        .bind(sqlx::types::Json(labels))
+        .fetch_optional(db)
+        .await
 }
 
 // ---------------------------------------------------------------------------

@@ -106,6 +106,40 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
     dir
 }
 
+/// Puts `authorization: Bearer <key>` on every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A fleet API client that sends an API key.
+pub type Fleet = FleetClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A client of the fleet API at `addr`, calling with `key`.
+pub async fn fleet_client(addr: SocketAddr, key: &str) -> anyhow::Result<Fleet> {
+    fleet_over(Endpoint::from_shared(format!("http://{addr}"))?.connect().await?, key)
+}
+
+/// A fleet API client over `channel`, calling with `key`.
+pub fn fleet_over(channel: Channel, key: &str) -> anyhow::Result<Fleet> {
+    let bearer = Bearer(format!("Bearer {key}").parse().context("an API key is ASCII")?);
+    Ok(FleetClient::with_interceptor(channel, bearer))
+}
+
+/// A new API key, straight into the database as `api-key create` makes one.
+pub async fn api_key(
+    pool: &PgPool,
+    account: &str,
+    scope: flotilla_control_plane::auth::Scope,
+) -> anyhow::Result<String> {
+    Ok(flotilla_control_plane::auth::create(pool, account, scope, "tests", None).await?.key)
+}
+
 /// A control plane serving in this process.
 pub struct TestControlPlane {
     pub agent_addr: SocketAddr,
@@ -115,6 +149,8 @@ pub struct TestControlPlane {
     pub timing: Timing,
     pub master_key: Arc<MasterKey>,
     pub cert_validity: Duration,
+    /// An admin key of the `default` account, which `fleet()` calls with.
+    pub admin_key: String,
     pool: PgPool,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -191,7 +227,9 @@ impl TestControlPlane {
             timing,
             master_key: master_key.clone(),
             cert_validity,
+            api_rate_limit: std::num::NonZeroU32::new(1000).context("non-zero")?,
         };
+        let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
             pool.clone(),
             config,
@@ -206,6 +244,7 @@ impl TestControlPlane {
             timing,
             master_key,
             cert_validity,
+            admin_key,
             pool: pool.clone(),
             stop,
             task,
@@ -260,9 +299,14 @@ impl TestControlPlane {
         format!("https://localhost:{}", self.enroll_addr.port())
     }
 
-    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.api_addr))?.connect().await?;
-        Ok(FleetClient::new(channel))
+    /// A client with the admin key.
+    pub async fn fleet(&self) -> anyhow::Result<Fleet> {
+        fleet_client(self.api_addr, &self.admin_key).await
+    }
+
+    /// A client with a new key of `account` and `scope`.
+    pub async fn fleet_as(&self, account: &str, scope: flotilla_control_plane::auth::Scope) -> anyhow::Result<Fleet> {
+        fleet_client(self.api_addr, &api_key(&self.pool, account, scope).await?).await
     }
 
     /// A token through the API.

@@ -10,9 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use flotilla::proto::fleet_client::FleetClient;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tonic::transport::{Channel, Endpoint};
 
 use super::{TestDb, temp_dir};
 
@@ -41,6 +39,8 @@ pub struct ControlPlaneProcess {
     pub data_dir: PathBuf,
     database_url: String,
     master_key: String,
+    /// An admin key of the `default` account.
+    pub admin_key: String,
     child: Option<Child>,
 }
 
@@ -63,6 +63,7 @@ impl ControlPlaneProcess {
             data_dir: temp_dir("flotilla-cp-process"),
             database_url: format!("{server}/{}", db.name),
             master_key: master_key.to_owned(),
+            admin_key: super::api_key(&db.pool, "default", flotilla_control_plane::auth::Scope::Admin).await?,
             child: None,
         };
         process.restart().await?;
@@ -116,9 +117,8 @@ impl ControlPlaneProcess {
         Ok(())
     }
 
-    pub async fn fleet(&self) -> anyhow::Result<FleetClient<Channel>> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.api_addr))?.connect().await?;
-        Ok(FleetClient::new(channel))
+    pub async fn fleet(&self) -> anyhow::Result<super::Fleet> {
+        super::fleet_client(self.api_addr, &self.admin_key).await
     }
 
     /// SIGKILL: no goodbye, no clean-up, as when a machine dies.
