@@ -150,8 +150,20 @@ pub struct Outcome {
     pub server: Option<McpServer>,
 }
 
+/// The probes speak plain HTTP, but when this crate is built beside others that give
+/// reqwest rustls without choosing a crypto provider (Cargo unifies features across a
+/// workspace), building any client needs a process-wide provider. Ours is ring, as for
+/// the session's own TLS; one already installed is kept.
+fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Speaks MCP to `url`: `initialize`, then `tools/list`. Healthy only if both answer.
 pub async fn probe_mcp(url: &str, timeout: Duration) -> Result<McpServer, String> {
+    ensure_crypto_provider();
     let work = async {
         let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
         let client = ClientInfo::default().serve(transport).await.map_err(|e| format!("initialize failed: {e}"))?;
@@ -175,6 +187,7 @@ pub async fn probe_mcp(url: &str, timeout: Duration) -> Result<McpServer, String
 }
 
 async fn probe_http(url: &str, min: u16, max: u16, timeout: Duration) -> Result<String, String> {
+    ensure_crypto_provider();
     let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
     let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
     let status = response.status().as_u16();

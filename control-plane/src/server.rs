@@ -21,6 +21,7 @@ use crate::{
     config::Timing,
     crypto::MasterKey,
     gateway::Gateway,
+    http::Http,
     liveness,
     pki::{self, Authorities},
     reconcile, replicas, retention,
@@ -243,11 +244,16 @@ fn api_server(
     let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection (v1alpha)")?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let fleet = FleetServer::new(FleetApi::new(state.clone()));
+    let http = Arc::new(Http::new(fleet.clone(), state.db.clone())?);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(fleet);
+    // gRPC by its service paths; everything else is the HTTP/JSON side.
+    let routes = http.router(routes.routes().into_axum_router());
     let server = Server::builder()
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(fleet)
+        .accept_http1(true)
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(tower_http::request_id::MakeRequestUuid))
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             health_reporter.set_serving::<FleetServer<FleetApi>>().await;
             stop.cancelled().await;

@@ -6,7 +6,9 @@ pub mod deploy;
 pub mod process;
 pub mod registry;
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
+use std::{
+    future::Future, net::SocketAddr, num::NonZeroU32, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use flotilla::{
@@ -131,6 +133,21 @@ pub fn fleet_over(channel: Channel, key: &str) -> anyhow::Result<Fleet> {
     Ok(FleetClient::with_interceptor(channel, bearer))
 }
 
+/// An HTTP client (rustls with ring) trusting the CA certificates in `ca_pem`.
+pub fn http_client(ca_pem: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = ca_pem {
+        for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(reqwest::Client::builder().tls_backend_preconfigured(tls).build()?)
+}
+
 /// A new API key, straight into the database as `api-key create` makes one.
 pub async fn api_key(
     pool: &PgPool,
@@ -151,6 +168,7 @@ pub struct TestControlPlane {
     pub cert_validity: Duration,
     /// An admin key of the `default` account, which `fleet()` calls with.
     pub admin_key: String,
+    api_rate_limit: NonZeroU32,
     pool: PgPool,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -163,6 +181,7 @@ pub struct Stopped {
     timing: Timing,
     master_key: Arc<MasterKey>,
     cert_validity: Duration,
+    api_rate_limit: NonZeroU32,
     addrs: [SocketAddr; 3],
 }
 
@@ -180,6 +199,7 @@ impl Stopped {
             self.data_dir,
             self.master_key,
             self.cert_validity,
+            self.api_rate_limit,
             listeners,
         )
         .await
@@ -203,9 +223,26 @@ impl TestControlPlane {
         master_key: Arc<MasterKey>,
         cert_validity: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_full(pool, timing, master_key, cert_validity, NonZeroU32::new(1000).context("non-zero")?).await
+    }
+
+    /// A control plane allowing `per_second` API requests per key.
+    pub async fn start_limited(pool: &PgPool, timing: Timing, per_second: u32) -> anyhow::Result<Self> {
+        let rate = NonZeroU32::new(per_second).context("a rate above zero")?;
+        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), rate).await
+    }
+
+    async fn start_full(
+        pool: &PgPool,
+        timing: Timing,
+        master_key: Arc<MasterKey>,
+        cert_validity: Duration,
+        api_rate_limit: NonZeroU32,
+    ) -> anyhow::Result<Self> {
         let bind = || TcpListener::bind("127.0.0.1:0");
         let listeners = Listeners { agent: bind().await?, enroll: bind().await?, api: bind().await? };
-        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, listeners).await
+        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, api_rate_limit, listeners)
+            .await
     }
 
     async fn start_on(
@@ -214,6 +251,7 @@ impl TestControlPlane {
         data_dir: PathBuf,
         master_key: Arc<MasterKey>,
         cert_validity: Duration,
+        api_rate_limit: NonZeroU32,
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
         let agent_addr = listeners.agent.local_addr()?;
@@ -227,7 +265,7 @@ impl TestControlPlane {
             timing,
             master_key: master_key.clone(),
             cert_validity,
-            api_rate_limit: std::num::NonZeroU32::new(1000).context("non-zero")?,
+            api_rate_limit,
         };
         let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
@@ -245,6 +283,7 @@ impl TestControlPlane {
             master_key,
             cert_validity,
             admin_key,
+            api_rate_limit,
             pool: pool.clone(),
             stop,
             task,
@@ -267,6 +306,7 @@ impl TestControlPlane {
             timing: self.timing,
             master_key: self.master_key,
             cert_validity: self.cert_validity,
+            api_rate_limit: self.api_rate_limit,
             addrs: [self.agent_addr, self.enroll_addr, self.api_addr],
         })
     }
