@@ -33,6 +33,20 @@ if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; 
   }
 fi
 
+# The user-data tests run cloud-init's own schema check and shellcheck. cloud-init is only
+# a tool here: the marker file keeps it from running at this machine's next boot.
+if ! command -v cloud-init >/dev/null || ! command -v shellcheck >/dev/null; then
+  echo "test: installing cloud-init and shellcheck from Debian's packages" >&2
+  [ "$(id -u)" -eq 0 ] || { echo "test: not root: install cloud-init and shellcheck" >&2; exit 1; }
+  export DEBIAN_FRONTEND=noninteractive
+  command -v cloud-init >/dev/null || { mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled; }
+  apt-get update -qq >&2 && apt-get install -y -qq cloud-init shellcheck >&2
+  command -v cloud-init >/dev/null && command -v shellcheck >/dev/null || {
+    echo "test: cloud-init or shellcheck is still missing after installing" >&2
+    exit 1
+  }
+fi
+
 if [ -z "${DATABASE_URL:-}" ]; then
   PG_TMP=$(mktemp -d /tmp/flotilla-test-pg.XXXXXX)
   trap 'stop_postgres; rm -rf "$PG_TMP"' EXIT

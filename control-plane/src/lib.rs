@@ -5,17 +5,20 @@
 
 pub mod api;
 pub mod auth;
+pub mod cloudinit;
 pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod deployments;
 pub mod enrollment;
 pub mod gateway;
+pub mod http;
 pub mod labels;
 pub mod live;
 pub mod liveness;
 pub mod notify;
 pub mod pki;
+pub mod provider;
 pub mod reconcile;
 pub mod replicas;
 pub mod requests;
