@@ -22,7 +22,7 @@ use crate::{
     auth::{self, Caller, Owned, Scope},
     commands::{self, Options},
     deployments::{self, Verb},
-    enrollment, labels, live,
+    enrollment, events, labels, live,
     state::State,
     store::{self, DropletRow, DropletStatus},
 };
@@ -547,6 +547,45 @@ impl Fleet for FleetApi {
         }
         let row = store::set_labels(&self.db, id, &labels).await.map_err(db_error)?;
         Ok(Response::new(droplet_to_proto(row.ok_or_else(|| Owned::Droplet.not_found(id))?)))
+    }
+
+    type WatchEventsStream = events::EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let caller = self.caller(&request, Scope::Read, "WatchEvents").await?;
+        let request = request.into_inner();
+        let droplet = optional_id("droplet_id", &request.droplet_id)?;
+        if let Some(droplet) = droplet {
+            caller.reach(&self.db, Owned::Droplet, droplet).await?;
+        }
+        let deployment = optional_id("deployment_id", &request.deployment_id)?;
+        if let Some(deployment) = deployment {
+            caller.reach(&self.db, Owned::Deployment, deployment).await?;
+        }
+        let filter = events::Filter {
+            account: caller.list_account(&request.account)?,
+            droplet,
+            deployment,
+            ..Default::default()
+        }
+        .kinds(&request.kinds)?;
+        let from = match (request.cursor.as_str(), request.from_oldest) {
+            ("", true) => events::Cursor::OLDEST,
+            ("", false) => events::now(&self.db).await.map_err(db_error)?,
+            (cursor, _) => events::Cursor::decode(cursor)?,
+        };
+        let stream = events::watch(
+            self.db.clone(),
+            self.state.bell.clone(),
+            from,
+            filter,
+            request.follow,
+            self.state.stopping.clone(),
+        );
+        Ok(Response::new(stream))
     }
 
     async fn create_api_key(

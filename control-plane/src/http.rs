@@ -73,6 +73,7 @@ pub const ROUTES: &[Route] = &[
     route(Method::GET, "/v1/commands", "ListCommands"),
     route(Method::GET, "/v1/commands/{id}", "GetCommand"),
     route(Method::POST, "/v1/commands/{id}:wait", "WaitCommand"),
+    route(Method::GET, "/v1/events", "WatchEvents"),
     route(Method::GET, "/v1/api-keys", "ListApiKeys"),
     route(Method::POST, "/v1/api-keys", "CreateApiKey"),
     route(Method::POST, "/v1/api-keys/{id}:revoke", "RevokeApiKey"),
@@ -199,6 +200,14 @@ impl Http {
         } else {
             from_query(&input, query.unwrap_or("")).map_err(bad)?
         };
+        // An EventSource reconnecting says where it was with `Last-Event-ID`.
+        if let (Some(field), Some(last)) = (input.get_field_by_name("cursor"), headers.get("last-event-id"))
+            && !fields.contains_key(field.name())
+            && !fields.contains_key(field.json_name())
+            && let Ok(last) = last.to_str()
+        {
+            fields.insert(field.json_name().to_owned(), Value::String(last.to_owned()));
+        }
         for (name, value) in params {
             let field = input.get_field_by_name(name).ok_or_else(|| bad(format!("{name}: not a field")))?;
             for key in [field.name(), field.json_name()] {
@@ -448,7 +457,11 @@ fn sse(response: http::Response<tonic::body::Body>, output: MessageDescriptor) -
             let mut frames = frames?;
             let event = match frames.next().await {
                 Frame::Message(message) => match to_json(&output, message) {
-                    Ok(value) => Event::default().event("message").json_data(value),
+                    // A message with a cursor gives it as the event's id, for Last-Event-ID.
+                    Ok(value) => match value.get("cursor").and_then(Value::as_str) {
+                        Some(cursor) => Event::default().id(cursor).event("message").json_data(&value),
+                        None => Event::default().event("message").json_data(&value),
+                    },
                     Err(status) => {
                         return Some((Ok::<_, Infallible>(error_event(&status)), None));
                     }

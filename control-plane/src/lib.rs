@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod deployments;
 pub mod enrollment;
+pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod labels;

@@ -20,6 +20,7 @@ use crate::{
     commands::{self, Completions},
     config::Timing,
     crypto::MasterKey,
+    events,
     gateway::Gateway,
     http::Http,
     liveness,
@@ -114,6 +115,8 @@ pub async fn serve(
         completions: Completions::default(),
         replica,
         keys: ApiKeys::new(db_for_keys, config.api_rate_limit),
+        bell: events::Bell::default(),
+        stopping: CancellationToken::new(),
     };
 
     let stop_accepting = CancellationToken::new();
@@ -159,6 +162,10 @@ pub async fn serve(
     .await
     .context("listening for commands")?;
 
+    events::spawn_listener(&state.db, state.bell.clone(), stop_background.clone(), &mut background)
+        .await
+        .context("listening for events")?;
+
     let agent_addr = listeners.agent.local_addr()?;
     let api_addr = listeners.api.local_addr()?;
     let enroll_addr = listeners.enroll.local_addr()?;
@@ -182,6 +189,7 @@ pub async fn serve(
     shutdown.await;
     tracing::info!(sessions = state.sessions.len(), "shutting down");
     stop_accepting.cancel();
+    state.stopping.cancel();
     // The agents we send away must not be held against their session rate limit.
     if let Err(error) = replicas::forgive_reconnects(&state.db, replica).await {
         tracing::warn!(%error, "could not reset the session rate limit of this replica's droplets");

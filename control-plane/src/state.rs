@@ -27,6 +27,10 @@ pub struct State {
     pub replica: uuid::Uuid,
     /// Checks API credentials and limits each key's rate.
     pub keys: crate::auth::ApiKeys,
+    /// Wakes `WatchEvents` streams when events are written.
+    pub bell: crate::events::Bell,
+    /// Cancelled when shutdown begins: long streams (events) end so the API can stop.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl State {

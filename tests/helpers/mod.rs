@@ -339,6 +339,16 @@ impl TestControlPlane {
         format!("https://localhost:{}", self.enroll_addr.port())
     }
 
+    /// The API's URL as clients give it (gRPC and HTTP share it).
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// The CA certificates (PEM) that clients of the API trust.
+    pub fn api_ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.crt")
+    }
+
     /// A client with the admin key.
     pub async fn fleet(&self) -> anyhow::Result<Fleet> {
         fleet_client(self.api_addr, &self.admin_key).await
