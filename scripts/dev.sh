@@ -40,6 +40,13 @@ if [ -z "${DATABASE_URL:-}" ]; then
 fi
 
 export FLOTILLA_DATA_DIR="$DEV/control-plane"
+# An admin API key, made on the first run and kept (0600) for the next ones.
+if [ ! -s "$DEV/admin.key" ]; then
+  (umask 077 && "$BIN/flotilla-control-plane" api-key create --account default --scope admin --name dev > "$DEV/admin.key.new")
+  mv "$DEV/admin.key.new" "$DEV/admin.key"
+fi
+chmod 600 "$DEV/admin.key"
+KEY=$(cat "$DEV/admin.key")
 RUST_LOG=${RUST_LOG:-info} "$BIN/flotilla-control-plane" serve \
   --agent-listen "$AGENT_LISTEN" --enroll-listen "$ENROLL_LISTEN" --api-listen "$API_LISTEN" \
   --heartbeat-interval 5s --flush-interval 5s --reconnect-grace 30s &
@@ -65,15 +72,32 @@ fi
   --enroll-url "https://localhost:${ENROLL_LISTEN##*:}" --state-dir "$DEV/agent" "${TOKEN_ARGS[@]}" &
 PIDS+=($!)
 
+API_PORT=${API_LISTEN##*:}
+CA="$DEV/control-plane/ca.crt"
+SPEC='{"image": "flotilla-test/mcp-server:latest", "pullPolicy": "PULL_POLICY_NEVER", "env": [{"name": "PORT", "value": "8080"}], "mcp": {"port": 8080, "path": "/mcp"}, "healthCheck": {"mcp": {}, "interval": "2s"}}'
 cat >&2 <<TXT
 
 dev: the stack is up. Droplet $DROPLET is connecting over mTLS.
-  grpcurl -plaintext $API_LISTEN list
-  grpcurl -plaintext -d '{}' $API_LISTEN flotilla.v1.Fleet/ListDroplets
-  grpcurl -plaintext -d '{"id": "$DROPLET"}' $API_LISTEN flotilla.v1.Fleet/GetDroplet
-  grpcurl -plaintext -d '{"droplet_id": "$DROPLET", "name": "echo", "spec": {"image": "flotilla-test/mcp-server:latest", "pull_policy": "PULL_POLICY_NEVER", "env": [{"name": "PORT", "value": "8080"}], "mcp": {"port": 8080, "path": "/mcp"}, "health_check": {"mcp": {}, "interval": "2s"}}}' $API_LISTEN flotilla.v1.Fleet/CreateDeployment
-  grpcurl -plaintext -d '{"id": "<deployment id>"}' $API_LISTEN flotilla.v1.Fleet/GetDeployment
-  grpcurl -plaintext -d '{"deployment_id": "<deployment id>"}' $API_LISTEN flotilla.v1.Fleet/ListTools
+The API (gRPC and HTTP/JSON on one port) serves TLS from the fleet CA; the admin key is
+kept in $DEV/admin.key. In another shell:
+
+  export FLOTILLA_URL=https://localhost:$API_PORT
+  export FLOTILLA_API_KEY=$KEY
+  export FLOTILLA_CA_CERT=$CA
+
+HTTP/JSON (curl):
+  curl -sS --cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" \$FLOTILLA_URL/v1/droplets
+  curl -sS --cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -H 'content-type: application/json' \\
+    -d '{"name": "echo", "spec": $SPEC, "options": {"idempotencyKey": "dev-echo"}}' \$FLOTILLA_URL/v1/droplets/$DROPLET/deployments
+  curl -sS --cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -H 'content-type: application/json' -d '{"timeout": "120s"}' \$FLOTILLA_URL/v1/commands/<lastCommandId>:wait
+  curl -sS --cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" \$FLOTILLA_URL/v1/deployments/<id>
+  curl -sS --cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" \$FLOTILLA_URL/v1/deployments/<id>/tools
+
+gRPC (grpcurl):
+  grpcurl -cacert "\$FLOTILLA_CA_CERT" localhost:$API_PORT list
+  grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{}' localhost:$API_PORT flotilla.v1.Fleet/ListDroplets
+  grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{"deployment_id": "<id>"}' localhost:$API_PORT flotilla.v1.Fleet/ListTools
+  grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{"follow": true}' localhost:$API_PORT flotilla.v1.Fleet/WatchEvents
 Ctrl-C stops everything.
 
 TXT

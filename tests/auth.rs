@@ -10,8 +10,8 @@ use flotilla::proto::{
     UpdateDropletLabelsRequest, fleet_client::FleetClient,
 };
 use flotilla_control_plane::auth::{self, Scope};
-use helpers::{TestControlPlane, TestDb, fast_timing, fleet_client};
-use tonic::{Code, Request, transport::Endpoint};
+use helpers::{TestControlPlane, TestDb, fast_timing};
+use tonic::{Code, Request};
 
 /// A droplet of `account`, made through the API with a key of that account.
 async fn droplet_of(cp: &TestControlPlane, account: &str) -> anyhow::Result<String> {
@@ -35,8 +35,7 @@ async fn every_bad_credential_is_refused_with_unauthenticated() -> anyhow::Resul
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let droplet = droplet_of(&cp, "default").await?;
-    let channel = Endpoint::from_shared(format!("http://{}", cp.api_addr))?.connect().await?;
-    let mut bare = FleetClient::new(channel);
+    let mut bare = FleetClient::new(cp.channel().await?);
 
     let revoked = auth::create(&db.pool, "default", Scope::Admin, "old", None).await?;
     auth::revoke(&db.pool, revoked.id).await?;
@@ -68,11 +67,9 @@ async fn every_bad_credential_is_refused_with_unauthenticated() -> anyhow::Resul
         sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE name = 'tests'").fetch_one(&db.pool).await?;
     assert!(used.is_some(), "last_used_at is recorded");
     // Health and reflection need no key (load balancers and grpcurl's `list` use them).
-    let health = tonic_health::pb::health_client::HealthClient::new(
-        Endpoint::from_shared(format!("http://{}", cp.api_addr))?.connect().await?,
-    )
-    .check(tonic_health::pb::HealthCheckRequest { service: "flotilla.v1.Fleet".into() })
-    .await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(cp.channel().await?)
+        .check(tonic_health::pb::HealthCheckRequest { service: "flotilla.v1.Fleet".into() })
+        .await?;
     assert_eq!(health.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     cp.stop().await?;
     Ok(())
@@ -185,7 +182,7 @@ async fn admins_create_list_and_revoke_keys_and_the_key_is_shown_once() -> anyho
     assert_eq!(listed.api_keys.len(), 1);
     assert_eq!(listed.api_keys[0].id, row.id);
 
-    let mut theirs = fleet_client(cp.api_addr, &created.key).await?;
+    let mut theirs = cp.fleet_with(&created.key).await?;
     let empty = theirs.list_droplets(ListDropletsRequest::default()).await?.into_inner();
     assert!(empty.droplets.is_empty(), "a new account owns nothing");
     for bad in [("scope", "owner"), ("account", "Not An Account")] {

@@ -175,7 +175,7 @@ async fn filters_accounts_and_catching_up_without_follow() -> anyhow::Result<()>
     assert_eq!(bad.expect_err("bad cursor").downcast::<tonic::Status>()?.code(), tonic::Code::InvalidArgument);
 
     // Over HTTP: server-sent events whose ids are cursors; Last-Event-ID resumes.
-    let http = helpers::http_client(None)?;
+    let http = cp.http()?;
     let url = format!("{}/v1/events?from_oldest=true&kinds=test.*", cp.api_url());
     let body = http.get(&url).bearer_auth(&cp.admin_key).send().await?.text().await?;
     let ids: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("id: ")).collect();

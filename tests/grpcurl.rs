@@ -23,11 +23,13 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     let droplet = DropletId::new();
     let agent = cp.agent(droplet).await?;
     cp.await_status(droplet, DropletStatus::Online, Duration::from_secs(20)).await?;
-    let addr = cp.api_addr.to_string();
+    // Over TLS, trusting the fleet CA, as an operator would.
+    let addr = format!("localhost:{}", cp.api_addr.port());
+    let ca = cp.api_ca_file().display().to_string();
 
     let services = tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || grpcurl(&["-plaintext", &addr, "list"])
+        let (addr, ca) = (addr.clone(), ca.clone());
+        move || grpcurl(&["-cacert", &ca, &addr, "list"])
     })
     .await??;
     let services: Vec<&str> = services.lines().collect();
@@ -36,9 +38,9 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     assert!(!services.contains(&"flotilla.v1.AgentGateway"), "the agent service is not on the API port");
 
     let listed = tokio::task::spawn_blocking({
-        let addr = addr.clone();
+        let (addr, ca) = (addr.clone(), ca.clone());
         let auth = format!("authorization: Bearer {}", cp.admin_key);
-        move || grpcurl(&["-plaintext", "-H", &auth, "-d", "{}", &addr, "flotilla.v1.Fleet/ListDroplets"])
+        move || grpcurl(&["-cacert", &ca, "-H", &auth, "-d", "{}", &addr, "flotilla.v1.Fleet/ListDroplets"])
     })
     .await??;
     let listed: serde_json::Value = serde_json::from_str(&listed)?;
@@ -46,7 +48,7 @@ async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow
     assert_eq!(listed["droplets"][0]["status"], "DROPLET_STATUS_ONLINE");
 
     let health = tokio::task::spawn_blocking(move || {
-        grpcurl(&["-plaintext", "-d", r#"{"service": "flotilla.v1.Fleet"}"#, &addr, "grpc.health.v1.Health/Check"])
+        grpcurl(&["-cacert", &ca, "-d", r#"{"service": "flotilla.v1.Fleet"}"#, &addr, "grpc.health.v1.Health/Check"])
     })
     .await??;
     let health: serde_json::Value = serde_json::from_str(&health)?;

@@ -22,8 +22,8 @@ struct Http {
 
 impl Http {
     fn new(cp: &TestControlPlane, key: Option<&str>) -> Self {
-        let client = helpers::http_client(None).expect("an HTTP client");
-        Self { base: format!("http://{}", cp.api_addr), key: key.map(str::to_owned), client }
+        let client = cp.http().expect("an HTTP client trusting the fleet CA");
+        Self { base: cp.api_url(), key: key.map(str::to_owned), client }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -127,7 +127,10 @@ async fn a_reader_slower_than_the_writer_loses_whole_lines_and_is_told_how_many_
     assert!(written >= LINES * 20, "docker logs holds {written} bytes");
 
     // A reader with a small HTTP/2 window that does not read for a while.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.api_addr))?
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cp.api_ca_pem()?));
+    let channel = tonic::transport::Endpoint::from_shared(cp.api_url())?
+        .tls_config(tls)?
         .initial_stream_window_size(64 * 1024)
         .initial_connection_window_size(64 * 1024)
         .connect()

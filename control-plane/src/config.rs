@@ -208,9 +208,20 @@ pub struct ServeArgs {
     /// How long droplet certificates are valid; agents renew them at 50-80% of it.
     #[arg(long, env = "FLOTILLA_CERT_VALIDITY", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_validity: Duration,
-    /// The fleet API (gRPC). Plaintext and unauthenticated for now, so loopback by default.
+    /// The fleet API: gRPC and HTTP/JSON on one port, every call with an API key.
     #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7080")]
     pub api_listen: SocketAddr,
+    /// Serve the API with this certificate chain (PEM), e.g. from a public CA, instead of
+    /// one from the fleet CA. Needs --api-tls-key.
+    #[arg(long, env = "FLOTILLA_API_TLS_CERT", requires = "api_tls_key", conflicts_with = "api_plaintext")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-tls-cert.
+    #[arg(long, env = "FLOTILLA_API_TLS_KEY", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Serve the API without TLS: for local development, or behind a proxy that
+    /// terminates TLS. API keys then cross the network in clear up to that proxy.
+    #[arg(long, env = "FLOTILLA_API_PLAINTEXT")]
+    pub api_plaintext: bool,
     /// Where other replicas reach this one's API, to forward live requests (logs,
     /// inspect, health) for droplets whose session is here. Defaults to --api-listen
     /// (with 127.0.0.1 for an unspecified address).
@@ -309,6 +320,17 @@ impl Timing {
             return Err("--missed-heartbeats must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+impl ServeArgs {
+    /// How the API port speaks, from the flags.
+    pub fn api_tls(&self) -> crate::tls::ApiTls {
+        match (&self.api_tls_cert, &self.api_tls_key, self.api_plaintext) {
+            (_, _, true) => crate::tls::ApiTls::Plaintext,
+            (Some(cert), Some(key), false) => crate::tls::ApiTls::Files { cert: cert.clone(), key: key.clone() },
+            _ => crate::tls::ApiTls::FleetCa,
+        }
     }
 }
 

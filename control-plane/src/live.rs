@@ -117,9 +117,14 @@ async fn holder(state: &State, droplet: DropletId, origin: &Origin) -> Result<Fl
             return Err(Status::unavailable("the control plane's database is unavailable; try again"));
         }
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|_| Status::internal(format!("the replica holding droplet {droplet} advertises a bad address")))?
+    let bad_address = || Status::internal(format!("the replica holding droplet {droplet} advertises a bad address"));
+    let scheme = if state.forward_tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .map_err(|_| bad_address())?
         .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = state.forward_tls.clone() {
+        endpoint = endpoint.tls_config(tls).map_err(|_| bad_address())?;
+    }
     match endpoint.connect().await {
         Ok(channel) => Ok(FleetClient::new(channel)),
         Err(error) => {

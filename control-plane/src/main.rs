@@ -221,6 +221,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let api = bind(args.api_listen, "API").await?;
     let key = master_key(&args.state)?;
     let db = store::connect(&args.state.database_url, args.database_connections).await?;
+    let api_tls = args.api_tls();
     let config = ServeConfig {
         data_dir: args.state.data_dir,
         public_names: args.public_names,
@@ -229,6 +230,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         master_key: Arc::new(key),
         cert_validity: args.cert_validity,
         api_rate_limit: args.api_rate_limit,
+        api_tls,
     };
     serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub cert_validity: Duration,
     /// API requests per second per key (bursts of twice that).
     pub api_rate_limit: NonZeroU32,
+    /// TLS on the API port.
+    pub api_tls: tls::ApiTls,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
@@ -79,7 +81,12 @@ pub async fn serve(
     if created {
         tracing::info!(sha256 = %ca.sha256_pin(), "created the fleet CA");
     }
-    let server_cert = ca.issue_server(&server_names(&config.public_names), SERVER_CERT_VALIDITY)?;
+    // Other replicas reach this one's API at its advertised address: it is a name too.
+    let mut names = config.public_names.clone();
+    if let Some(host) = config.advertise_api.as_deref().and_then(advertised_host) {
+        names.push(host);
+    }
+    let server_cert = ca.issue_server(&server_names(&names), SERVER_CERT_VALIDITY)?;
     pki::write_pair(&config.data_dir, "server", &server_cert)?;
     pki::write_bundle(&config.data_dir, &authorities.bundle)?;
     let revocations = Revocations::default();
@@ -104,6 +111,7 @@ pub async fn serve(
     }
 
     let db_for_keys = db.clone();
+    let forward_tls = forward_tls(&config.api_tls, &authorities.bundle);
     let state = State {
         db,
         sessions: Sessions::default(),
@@ -116,6 +124,7 @@ pub async fn serve(
         replica,
         keys: ApiKeys::new(db_for_keys, config.api_rate_limit),
         bell: events::Bell::default(),
+        forward_tls,
         stopping: CancellationToken::new(),
     };
 
@@ -169,7 +178,7 @@ pub async fn serve(
     let agent_addr = listeners.agent.local_addr()?;
     let api_addr = listeners.api.local_addr()?;
     let enroll_addr = listeners.enroll.local_addr()?;
-    let enroll_incoming = tls::accept_tls(listeners.enroll, enroll_tls, stop_accepting.clone());
+    let enroll_incoming = tls::accept_tls(listeners.enroll, enroll_tls, stop_accepting.clone(), "enrollment");
     let enroll_server = Server::builder()
         .add_service(AgentGatewayServer::new(Gateway::new(state.clone())))
         .serve_with_incoming_shutdown(enroll_incoming, stop_servers.clone().cancelled_owned());
@@ -182,7 +191,8 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, stop_servers.clone().cancelled_owned());
     let agent_server = tokio::spawn(agent_server);
 
-    let api_server = api_server(&state, listeners.api, stop_servers.clone())?;
+    let api_identity = tls::api_identity(&config.api_tls, &state.authorities, &server_cert)?;
+    let api_server = api_server(&state, listeners.api, api_identity, stop_accepting.clone(), stop_servers.clone())?;
     let api_server = tokio::spawn(api_server);
     tracing::info!(agent = %agent_addr, api = %api_addr, enroll = %enroll_addr, ca_sha256 = %ca_pin, "control plane serving");
 
@@ -229,11 +239,15 @@ pub async fn serve(
     Ok(())
 }
 
+type ServerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 fn api_server(
     state: &State,
     listener: TcpListener,
+    identity: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+    stop_accepting: CancellationToken,
     stop: CancellationToken,
-) -> anyhow::Result<impl Future<Output = Result<(), tonic::transport::Error>> + use<>> {
+) -> anyhow::Result<ServerFuture> {
     // Both reflection versions: grpcurl before 1.9 speaks only v1alpha. Only the services
     // this port serves are advertised (the descriptor set also holds `AgentGateway`).
     let reflection = || {
@@ -257,17 +271,42 @@ fn api_server(
     routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(fleet);
     // gRPC by its service paths; everything else is the HTTP/JSON side.
     let routes = http.router(routes.routes().into_axum_router());
-    let server = Server::builder()
+    let router = Server::builder()
         .accept_http1(true)
         .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(tower_http::request_id::MakeRequestUuid))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
-        .add_routes(tonic::service::Routes::from(routes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            health_reporter.set_serving::<FleetServer<FleetApi>>().await;
-            stop.cancelled().await;
-            health_reporter.set_not_serving::<FleetServer<FleetApi>>().await;
-        });
-    Ok(server)
+        .add_routes(tonic::service::Routes::from(routes));
+    let stopped = async move {
+        health_reporter.set_serving::<FleetServer<FleetApi>>().await;
+        stop.cancelled().await;
+        health_reporter.set_not_serving::<FleetServer<FleetApi>>().await;
+    };
+    Ok(match identity {
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)),
+        Some((chain, key)) => {
+            let incoming = tls::accept_tls(listener, tls::api_server_config(chain, key)?, stop_accepting, "api");
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    })
+}
+
+/// How this replica calls other replicas' APIs: they serve as this one does.
+fn forward_tls(api: &tls::ApiTls, bundle: &[String]) -> Option<tonic::transport::ClientTlsConfig> {
+    let fleet_ca = tonic::transport::Certificate::from_pem(bundle.concat());
+    match api {
+        tls::ApiTls::Plaintext => None,
+        tls::ApiTls::FleetCa => Some(tonic::transport::ClientTlsConfig::new().ca_certificate(fleet_ca)),
+        tls::ApiTls::Files { .. } => {
+            Some(tonic::transport::ClientTlsConfig::new().ca_certificate(fleet_ca).with_native_roots())
+        }
+    }
+}
+
+/// The host of a `host:port` address (IPv6 in brackets).
+fn advertised_host(address: &str) -> Option<String> {
+    let (host, _port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// Names the server certificate carries: loopback for local use, plus the public ones.

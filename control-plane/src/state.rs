@@ -31,6 +31,8 @@ pub struct State {
     pub bell: crate::events::Bell,
     /// Cancelled when shutdown begins: long streams (events) end so the API can stop.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// TLS for calls to other replicas' APIs (`None`: they serve plaintext).
+    pub forward_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl State {

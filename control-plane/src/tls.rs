@@ -137,6 +137,59 @@ pub fn enroll_server_config(authorities: &Authorities, server: &Issued) -> anyho
     Ok(Arc::new(config))
 }
 
+/// How the API port speaks.
+#[derive(Debug, Clone, Default)]
+pub enum ApiTls {
+    /// A server certificate from the fleet CA (clients trust `<data-dir>/ca.crt`).
+    #[default]
+    FleetCa,
+    /// A certificate chain and key from files, e.g. from a public CA, so that clients
+    /// trusting only public CAs (Supabase Edge Functions) can call the API directly.
+    Files { cert: std::path::PathBuf, key: std::path::PathBuf },
+    /// No TLS: for local development, or behind a proxy that terminates TLS.
+    Plaintext,
+}
+
+/// The API port's TLS configuration: gRPC needs HTTP/2, browsers and `fetch()` may speak
+/// HTTP/1.1.
+pub fn api_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("loading the API certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The API's certificate chain and key: from the fleet CA, or read from files.
+pub fn api_identity(
+    tls: &ApiTls,
+    authorities: &Authorities,
+    server: &Issued,
+) -> anyhow::Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>> {
+    match tls {
+        ApiTls::Plaintext => Ok(None),
+        ApiTls::FleetCa => Ok(Some((server_chain(server, &authorities.active)?, server_key(server)?))),
+        ApiTls::Files { cert, key } => {
+            let read =
+                |path: &std::path::Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+            let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing the certificates in {}", cert.display()))?;
+            anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
+            let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+                .with_context(|| format!("parsing {}", key.display()))?
+                .with_context(|| format!("{} holds no private key", key.display()))?;
+            Ok(Some((chain, key)))
+        }
+    }
+}
+
 fn server_chain(server: &Issued, ca: &Ca) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let mut chain = rustls_pemfile::certs(&mut server.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -171,8 +224,9 @@ pub fn accept_tls(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     stop: CancellationToken,
+    port: &'static str,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
-    accept(listener, config, stop, "enrollment", |io, _| Ok(io))
+    accept(listener, config, stop, port, |io, _| Ok(io))
 }
 
 /// The accept loop: each TLS handshake completes on its own task, then `finish` decides

@@ -122,7 +122,8 @@ impl tonic::service::Interceptor for Bearer {
 /// A fleet API client that sends an API key.
 pub type Fleet = FleetClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-/// A client of the fleet API at `addr`, calling with `key`.
+/// A plaintext client of the fleet API at `addr` (served with `--api-plaintext`), calling
+/// with `key`.
 pub async fn fleet_client(addr: SocketAddr, key: &str) -> anyhow::Result<Fleet> {
     fleet_over(Endpoint::from_shared(format!("http://{addr}"))?.connect().await?, key)
 }
@@ -266,6 +267,7 @@ impl TestControlPlane {
             master_key: master_key.clone(),
             cert_validity,
             api_rate_limit,
+            api_tls: flotilla_control_plane::tls::ApiTls::FleetCa,
         };
         let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
@@ -339,9 +341,31 @@ impl TestControlPlane {
         format!("https://localhost:{}", self.enroll_addr.port())
     }
 
-    /// The API's URL as clients give it (gRPC and HTTP share it).
+    /// The API's URL as clients give it (gRPC and HTTP share it). It serves TLS with a
+    /// certificate from the fleet CA, for `localhost` among other names.
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        format!("https://localhost:{}", self.api_addr.port())
+    }
+
+    /// The CA certificates clients of the API trust, PEM.
+    pub fn api_ca_pem(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.api_ca_file())?)
+    }
+
+    /// A TLS connection to the API, trusting the fleet CA.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.api_ca_pem()?));
+        Ok(Endpoint::from_shared(self.api_url())?.tls_config(tls)?.connect().await?)
+    }
+
+    /// An HTTP client for the API's HTTP/JSON side, trusting the fleet CA.
+    pub fn http(&self) -> anyhow::Result<reqwest::Client> {
+        http_client(Some(&self.api_ca_pem()?))
+    }
+
+    /// A client calling with `key`.
+    pub async fn fleet_with(&self, key: &str) -> anyhow::Result<Fleet> {
+        fleet_over(self.channel().await?, key)
     }
 
     /// The CA certificates (PEM) that clients of the API trust.
@@ -351,12 +375,12 @@ impl TestControlPlane {
 
     /// A client with the admin key.
     pub async fn fleet(&self) -> anyhow::Result<Fleet> {
-        fleet_client(self.api_addr, &self.admin_key).await
+        self.fleet_with(&self.admin_key).await
     }
 
     /// A client with a new key of `account` and `scope`.
     pub async fn fleet_as(&self, account: &str, scope: flotilla_control_plane::auth::Scope) -> anyhow::Result<Fleet> {
-        fleet_client(self.api_addr, &api_key(&self.pool, account, scope).await?).await
+        self.fleet_with(&api_key(&self.pool, account, scope).await?).await
     }
 
     /// A token through the API.

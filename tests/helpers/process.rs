@@ -86,7 +86,7 @@ impl ControlPlaneProcess {
             .arg("serve")
             .args(["--agent-listen", &self.agent_addr.to_string()])
             .args(["--enroll-listen", &self.enroll_addr.to_string()])
-            .args(["--api-listen", &self.api_addr.to_string()])
+            .args(["--api-listen", &self.api_addr.to_string(), "--api-plaintext"])
             .args(["--data-dir", &self.data_dir.display().to_string()])
             .args(["--heartbeat-interval", "200ms", "--flush-interval", "500ms", "--reconnect-grace", "30s"])
             .args(["--reconcile-interval", "1s", "--shutdown-grace", "3s"])
