@@ -196,6 +196,26 @@ async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> an
     let response = admin.request(reqwest::Method::GET, "/v1/droplets").send().await?;
     assert!(response.headers().get("x-request-id").is_some_and(|v| v.len() >= 32));
 
+    // Metrics: Prometheus text, open like the health endpoints.
+    let metrics = admin.client.get(format!("{}/metrics", admin.base)).send().await?;
+    assert_eq!(metrics.status().as_u16(), 200);
+    let text = metrics.text().await?;
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (_, value) = line.rsplit_once(' ').ok_or_else(|| anyhow::anyhow!("not `name value`: {line}"))?;
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    for expected in [
+        "flotilla_droplets{status=\"pending\"} 5",
+        "flotilla_api_requests_total{route=\"GET /v1/droplets\",code=\"200\"}",
+        "flotilla_api_requests_total{route=\"POST /v1/enrollment-tokens\",code=\"403\"}",
+        "flotilla_api_requests_total{route=\"other\",code=\"404\"}",
+        "flotilla_commands_open{state=\"queued\"} 0",
+        "flotilla_heartbeat_flush_lag_seconds",
+        "flotilla_command_round_trip_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "{expected} in:\n{text}");
+    }
+
     // Delete, then it is gone.
     let deleted = admin.send(admin.request(reqwest::Method::DELETE, &format!("/v1/droplets/{droplet}"))).await?;
     assert_eq!(deleted.0, 200, "{}", deleted.1);

@@ -263,12 +263,14 @@ pub async fn finished(db: &PgPool, droplet: DropletId, result: &proto::CommandRe
     .bind(result.container.as_ref().map(|c| c.encode_to_vec()))
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(row) = row {
-        let message = if result.message.is_empty() { state.to_owned() } else { format!("{state}: {}", result.message) };
-        event(&mut tx, &row, &format!("command.{state}"), &message).await?;
-        notify_done(&mut tx, id).await?;
-    }
-    tx.commit().await
+    let Some(row) = row else { return tx.commit().await };
+    let message = if result.message.is_empty() { state.to_owned() } else { format!("{state}: {}", result.message) };
+    event(&mut tx, &row, &format!("command.{state}"), &message).await?;
+    notify_done(&mut tx, id).await?;
+    tx.commit().await?;
+    let round_trip = (chrono::Utc::now() - row.created_at).to_std().ok();
+    crate::metrics::get().command_finished(state, round_trip);
+    Ok(())
 }
 
 /// Ends an open command without running it.
@@ -286,6 +288,9 @@ async fn close(db: &PgPool, row: &CommandRow, state: &str, why: &str) -> sqlx::R
     if done.rows_affected() == 1 {
         event(&mut tx, row, &format!("command.{state}"), why).await?;
         notify_done(&mut tx, row.id).await?;
+        tx.commit().await?;
+        crate::metrics::get().command_finished(state, None);
+        return Ok(());
     }
     tx.commit().await
 }

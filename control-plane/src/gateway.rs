@@ -59,6 +59,7 @@ impl AgentGateway for Gateway {
         .await;
         match outcome {
             Ok((droplet, issued)) => {
+                crate::metrics::get().enrollment("ok");
                 tracing::info!(droplet_id = %droplet, serial = %issued.serial, ?remote, "droplet enrolled");
                 Ok(Response::new(EnrollResponse {
                     droplet_id: droplet.to_string(),
@@ -69,6 +70,7 @@ impl AgentGateway for Gateway {
             }
             Err(error) => {
                 // The error never contains the token or the CSR.
+                crate::metrics::get().enrollment("refused");
                 tracing::warn!(?remote, %error, "refused an enrollment");
                 Err(enroll_status(error))
             }

@@ -27,7 +27,7 @@ use sqlx::PgPool;
 use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
-use crate::{api::FleetApi, store};
+use crate::{api::FleetApi, sessions::Sessions, store};
 
 /// The largest request body the HTTP side reads.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -84,10 +84,11 @@ pub struct Http {
     fleet: FleetService,
     methods: Vec<(Route, MethodDescriptor)>,
     db: PgPool,
+    sessions: Sessions,
 }
 
 impl Http {
-    pub fn new(fleet: FleetService, db: PgPool) -> anyhow::Result<Self> {
+    pub fn new(fleet: FleetService, db: PgPool, sessions: Sessions) -> anyhow::Result<Self> {
         let pool = DescriptorPool::decode(flotilla::proto::FILE_DESCRIPTOR_SET)?;
         let service = pool
             .get_service_by_name("flotilla.v1.Fleet")
@@ -102,16 +103,62 @@ impl Http {
                 Ok((route.clone(), method))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { fleet, methods, db })
+        Ok(Self { fleet, methods, db, sessions })
     }
 
     /// `grpc` (the gRPC services by path) with the rest of the API port added: health,
     /// readiness, and every other path to the REST routes.
     pub fn router(self: Arc<Self>, grpc: axum::Router) -> axum::Router {
-        let ready = self.clone();
+        let (ready, scraped, counted) = (self.clone(), self.clone(), self.clone());
         grpc.route("/healthz", axum::routing::get(|| async { axum::Json(json!({"status": "ok"})) }))
             .route("/readyz", axum::routing::get(move || async move { ready.readyz().await }))
+            .route("/metrics", axum::routing::get(move || async move { scraped.metrics().await }))
             .fallback(move |request: axum::extract::Request| async move { self.handle(request).await })
+            .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let counted = counted.clone();
+                async move { counted.count(request, next).await }
+            }))
+    }
+
+    async fn metrics(&self) -> Response {
+        match crate::metrics::get().render(&self.db, self.sessions.len()).await {
+            Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+            Err(err) => {
+                tracing::warn!(error = %err, "metrics: the database does not answer");
+                error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "the database does not answer")
+            }
+        }
+    }
+
+    /// Counts every request by route and outcome: gRPC by method and status name (a
+    /// status sent in trailers after a stream began counts as OK), HTTP by route pattern
+    /// and status.
+    async fn count(&self, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+        let grpc =
+            request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let route = if grpc {
+            request.uri().path().to_owned()
+        } else {
+            let path = request.uri().path();
+            match self
+                .methods
+                .iter()
+                .find(|(route, _)| route.method == request.method() && matches(route.path, path).is_some())
+            {
+                Some((route, _)) => format!("{} {}", route.method, route.path),
+                None if matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json") => format!("GET {path}"),
+                None => "other".to_owned(),
+            }
+        };
+        let response = next.run(request).await;
+        let code = if grpc {
+            let code = Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code());
+            code_name(code).to_owned()
+        } else {
+            response.status().as_u16().to_string()
+        };
+        crate::metrics::get().request(&route, &code);
+        response
     }
 
     /// Ready when the database answers and has every migration this binary knows.

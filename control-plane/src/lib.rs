@@ -17,6 +17,7 @@ pub mod http;
 pub mod labels;
 pub mod live;
 pub mod liveness;
+pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod provider;

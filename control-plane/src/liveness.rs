@@ -34,10 +34,14 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 pub async fn flush(state: &State) {
     let batch = state.sessions.take_pending();
     if batch.is_empty() {
+        crate::metrics::get().flushed();
         return;
     }
     match store::flush_heartbeats(&state.db, &batch).await {
-        Ok(rows) => tracing::debug!(heartbeats = batch.len(), rows, "flushed heartbeats"),
+        Ok(rows) => {
+            crate::metrics::get().flushed();
+            tracing::debug!(heartbeats = batch.len(), rows, "flushed heartbeats")
+        }
         // The next heartbeats replace these; nothing else is lost.
         Err(error) => {
             tracing::warn!(%error, heartbeats = batch.len(), "could not flush heartbeats")

@@ -266,7 +266,7 @@ fn api_server(
     let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection (v1alpha)")?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let fleet = FleetServer::new(FleetApi::new(state.clone()));
-    let http = Arc::new(Http::new(fleet.clone(), state.db.clone())?);
+    let http = Arc::new(Http::new(fleet.clone(), state.db.clone(), state.sessions.clone())?);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(fleet);
     // gRPC by its service paths; everything else is the HTTP/JSON side.
