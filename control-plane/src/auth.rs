@@ -289,6 +289,9 @@ pub async fn revoke(db: &PgPool, id: Uuid) -> Result<Option<KeyRow>, sqlx::Error
 pub struct ApiKeys {
     db: PgPool,
     limiter: Arc<DefaultKeyedRateLimiter<Uuid>>,
+    jwt: Option<crate::jwt::Verifier>,
+    /// Accounts known to exist, so token callers do not write on every call.
+    accounts: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl fmt::Debug for ApiKeys {
@@ -301,15 +304,24 @@ impl fmt::Debug for ApiKeys {
 pub const DEFAULT_RATE: u32 = 100;
 
 impl ApiKeys {
-    pub fn new(db: PgPool, per_second: NonZeroU32) -> Self {
+    pub fn new(db: PgPool, per_second: NonZeroU32, jwt: Option<crate::jwt::Verifier>) -> Self {
         let burst = per_second.saturating_mul(NonZeroU32::MIN.saturating_add(1));
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
-        Self { db, limiter: Arc::new(limiter) }
+        Self { db, limiter: Arc::new(limiter), jwt, accounts: Arc::default() }
+    }
+
+    fn limit(&self, key: Uuid) -> Result<(), Status> {
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| rate_limited(not_until.wait_time_from(governor::clock::DefaultClock::default().now())))
     }
 
     /// The caller of a request, from its `authorization` header.
     pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let key = bearer(metadata)?;
+        let key = match bearer(metadata)? {
+            Credential::Key(key) => key,
+            Credential::Jwt(token) => return self.token_caller(token).await,
+        };
         let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE sha256 = $1"))
             .bind(digest(key))
             .fetch_optional(&self.db)
@@ -326,10 +338,7 @@ impl ApiKeys {
             return Err(Status::unauthenticated(format!("authorization: this API key expired at {at}")));
         }
         let scope = Scope::parse(&row.scope).ok_or_else(|| Status::internal("an API key has an unknown scope"))?;
-        if let Err(not_until) = self.limiter.check_key(&row.id) {
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            return Err(rate_limited(wait));
-        }
+        self.limit(row.id)?;
         if row.last_used_at.is_none_or(|at| now - at > LAST_USED_EVERY) {
             let stamped = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
                 .bind(row.id)
@@ -340,6 +349,42 @@ impl ApiKeys {
             }
         }
         Ok(Caller { account: row.account, scope, principal: format!("key {} ({})", row.prefix, row.name) })
+    }
+
+    /// A Supabase user token's caller: the configured claim's account, the configured scope.
+    async fn token_caller(&self, token: &str) -> Result<Caller, Status> {
+        let Some(verifier) = &self.jwt else {
+            return Err(Status::unauthenticated(format!(
+                "authorization: not a Flotilla API key (they start with {KEY_PREFIX}), and this control plane accepts no JWTs"
+            )));
+        };
+        let verified = verifier.verify(token).await?;
+        if !valid_account(&verified.account) {
+            return Err(Status::permission_denied(format!(
+                "authorization: the token's account {:?} is not an account name",
+                verified.account
+            )));
+        }
+        // Each user has a rate of their own, kept under an id derived from the subject.
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest(&format!("jwt/{}", verified.subject))[..16]);
+        self.limit(Uuid::from_bytes(id))?;
+        let known = self.accounts.lock().map(|known| known.contains(&verified.account)).unwrap_or(false);
+        if !known {
+            sqlx::query("INSERT INTO accounts (name) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(&verified.account)
+                .execute(&self.db)
+                .await
+                .map_err(database)?;
+            if let Ok(mut known) = self.accounts.lock() {
+                known.insert(verified.account.clone());
+            }
+        }
+        Ok(Caller {
+            account: verified.account,
+            scope: verifier.scope(),
+            principal: format!("user {}", verified.subject),
+        })
     }
 
     /// Forgets rate-limit state of keys not seen lately (call now and then).
@@ -362,8 +407,16 @@ pub fn rate_limited(wait: Duration) -> Status {
     )
 }
 
-/// The key in `authorization: Bearer <key>`.
-fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+/// What a bearer credential is.
+#[derive(Debug, PartialEq, Eq)]
+enum Credential<'a> {
+    Key(&'a str),
+    /// Three dot-separated parts: a JWT (a Supabase user token).
+    Jwt(&'a str),
+}
+
+/// The credential in `authorization: Bearer <credential>`.
+fn bearer(metadata: &MetadataMap) -> Result<Credential<'_>, Status> {
     let Some(value) = metadata.get("authorization") else {
         return Err(Status::unauthenticated(
             "authorization: missing; send the header `authorization: Bearer <API key>`",
@@ -376,12 +429,15 @@ fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
     if !scheme.eq_ignore_ascii_case("bearer") || key.is_empty() || key.contains(' ') {
         return Err(malformed());
     }
-    if !key.starts_with(KEY_PREFIX) {
-        return Err(Status::unauthenticated(format!(
-            "authorization: not a Flotilla API key (they start with {KEY_PREFIX})"
-        )));
+    if key.starts_with(KEY_PREFIX) {
+        return Ok(Credential::Key(key));
     }
-    Ok(key)
+    if key.split('.').count() == 3 {
+        return Ok(Credential::Jwt(key));
+    }
+    Err(Status::unauthenticated(format!(
+        "authorization: not a Flotilla API key (they start with {KEY_PREFIX}) nor a JWT"
+    )))
 }
 
 #[cfg(test)]
@@ -396,8 +452,9 @@ mod tests {
 
     #[test]
     fn bearer_header_forms() {
-        assert_eq!(bearer(&metadata("Bearer flk_abc")).ok(), Some("flk_abc"));
-        assert_eq!(bearer(&metadata("bearer flk_abc")).ok(), Some("flk_abc"));
+        assert_eq!(bearer(&metadata("Bearer flk_abc")).ok(), Some(Credential::Key("flk_abc")));
+        assert_eq!(bearer(&metadata("bearer flk_abc")).ok(), Some(Credential::Key("flk_abc")));
+        assert_eq!(bearer(&metadata("Bearer a.b.c")).ok(), Some(Credential::Jwt("a.b.c")));
         for (value, says) in [
             ("flk_abc", "expected `Bearer"),
             ("Basic flk_abc", "expected `Bearer"),

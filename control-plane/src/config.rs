@@ -236,6 +236,25 @@ pub struct ServeArgs {
     /// more are refused with RESOURCE_EXHAUSTED (HTTP 429 with Retry-After).
     #[arg(long, env = "FLOTILLA_API_RATE_LIMIT", default_value_t = NonZeroU32::new(crate::auth::DEFAULT_RATE).unwrap_or(NonZeroU32::MIN))]
     pub api_rate_limit: NonZeroU32,
+    /// Accept Supabase user tokens (HS256) signed with this JWT secret.
+    #[arg(long, env = "FLOTILLA_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Accept Supabase user tokens signed with the keys of this JWKS (e.g.
+    /// https://<project>.supabase.co/auth/v1/.well-known/jwks.json).
+    #[arg(long, env = "FLOTILLA_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// The `aud` tokens must carry.
+    #[arg(long, env = "FLOTILLA_JWT_AUDIENCE", default_value = "authenticated")]
+    pub jwt_audience: String,
+    /// The `iss` tokens must carry, when set (e.g. https://<project>.supabase.co/auth/v1).
+    #[arg(long, env = "FLOTILLA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The claim (a dotted path) naming the caller's account.
+    #[arg(long, env = "FLOTILLA_JWT_ACCOUNT_CLAIM", default_value = "app_metadata.flotilla_account")]
+    pub jwt_account_claim: String,
+    /// The scope of token callers: read or write (admin is for API keys only).
+    #[arg(long, env = "FLOTILLA_JWT_SCOPE", default_value = "read")]
+    pub jwt_scope: crate::auth::Scope,
     /// Connections to PostgreSQL.
     #[arg(long, env = "FLOTILLA_DATABASE_CONNECTIONS", default_value_t = 16)]
     pub database_connections: u32,
@@ -324,6 +343,24 @@ impl Timing {
 }
 
 impl ServeArgs {
+    /// Whether and how Supabase user tokens are accepted, from the flags.
+    pub fn jwt(&self) -> Result<Option<crate::jwt::JwtConfig>, String> {
+        if self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() {
+            return Ok(None);
+        }
+        if self.jwt_scope == crate::auth::Scope::Admin {
+            return Err("--jwt-scope: token callers get read or write; admin is for API keys".into());
+        }
+        Ok(Some(crate::jwt::JwtConfig {
+            secret: self.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            jwks_url: self.jwt_jwks_url.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            account_claim: self.jwt_account_claim.clone(),
+            scope: self.jwt_scope,
+        }))
+    }
+
     /// How the API port speaks, from the flags.
     pub fn api_tls(&self) -> crate::tls::ApiTls {
         match (&self.api_tls_cert, &self.api_tls_key, self.api_plaintext) {

@@ -14,6 +14,7 @@ pub mod enrollment;
 pub mod events;
 pub mod gateway;
 pub mod http;
+pub mod jwt;
 pub mod labels;
 pub mod live;
 pub mod liveness;

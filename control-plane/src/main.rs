@@ -222,6 +222,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let key = master_key(&args.state)?;
     let db = store::connect(&args.state.database_url, args.database_connections).await?;
     let api_tls = args.api_tls();
+    let jwt = args.jwt().map_err(anyhow::Error::msg)?;
     let config = ServeConfig {
         data_dir: args.state.data_dir,
         public_names: args.public_names,
@@ -231,6 +232,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         cert_validity: args.cert_validity,
         api_rate_limit: args.api_rate_limit,
         api_tls,
+        jwt,
     };
     serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }

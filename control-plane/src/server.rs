@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub api_rate_limit: NonZeroU32,
     /// TLS on the API port.
     pub api_tls: tls::ApiTls,
+    /// Accept Supabase user tokens too.
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
@@ -111,6 +113,7 @@ pub async fn serve(
     }
 
     let db_for_keys = db.clone();
+    let jwt = config.jwt.clone().map(crate::jwt::Verifier::new).transpose().context("accepting JWTs")?;
     let forward_tls = forward_tls(&config.api_tls, &authorities.bundle);
     let state = State {
         db,
@@ -122,7 +125,7 @@ pub async fn serve(
         master_key: config.master_key.clone(),
         completions: Completions::default(),
         replica,
-        keys: ApiKeys::new(db_for_keys, config.api_rate_limit),
+        keys: ApiKeys::new(db_for_keys, config.api_rate_limit, jwt),
         bell: events::Bell::default(),
         forward_tls,
         stopping: CancellationToken::new(),

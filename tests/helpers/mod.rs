@@ -158,6 +158,20 @@ pub async fn api_key(
     Ok(flotilla_control_plane::auth::create(pool, account, scope, "tests", None).await?.key)
 }
 
+/// How a test control plane serves its API.
+#[derive(Clone)]
+pub struct ApiOptions {
+    /// Requests per second per key.
+    pub rate: NonZeroU32,
+    pub jwt: Option<flotilla_control_plane::jwt::JwtConfig>,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self { rate: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN), jwt: None }
+    }
+}
+
 /// A control plane serving in this process.
 pub struct TestControlPlane {
     pub agent_addr: SocketAddr,
@@ -169,7 +183,7 @@ pub struct TestControlPlane {
     pub cert_validity: Duration,
     /// An admin key of the `default` account, which `fleet()` calls with.
     pub admin_key: String,
-    api_rate_limit: NonZeroU32,
+    api: ApiOptions,
     pool: PgPool,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -182,7 +196,7 @@ pub struct Stopped {
     timing: Timing,
     master_key: Arc<MasterKey>,
     cert_validity: Duration,
-    api_rate_limit: NonZeroU32,
+    api: ApiOptions,
     addrs: [SocketAddr; 3],
 }
 
@@ -200,7 +214,7 @@ impl Stopped {
             self.data_dir,
             self.master_key,
             self.cert_validity,
-            self.api_rate_limit,
+            self.api,
             listeners,
         )
         .await
@@ -224,13 +238,24 @@ impl TestControlPlane {
         master_key: Arc<MasterKey>,
         cert_validity: Duration,
     ) -> anyhow::Result<Self> {
-        Self::start_full(pool, timing, master_key, cert_validity, NonZeroU32::new(1000).context("non-zero")?).await
+        Self::start_full(pool, timing, master_key, cert_validity, ApiOptions::default()).await
     }
 
     /// A control plane allowing `per_second` API requests per key.
     pub async fn start_limited(pool: &PgPool, timing: Timing, per_second: u32) -> anyhow::Result<Self> {
         let rate = NonZeroU32::new(per_second).context("a rate above zero")?;
-        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), rate).await
+        let api = ApiOptions { rate, ..ApiOptions::default() };
+        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
+    }
+
+    /// A control plane that also accepts JWTs as `jwt` says.
+    pub async fn start_with_jwt(
+        pool: &PgPool,
+        timing: Timing,
+        jwt: flotilla_control_plane::jwt::JwtConfig,
+    ) -> anyhow::Result<Self> {
+        let api = ApiOptions { jwt: Some(jwt), ..ApiOptions::default() };
+        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
     }
 
     async fn start_full(
@@ -238,12 +263,11 @@ impl TestControlPlane {
         timing: Timing,
         master_key: Arc<MasterKey>,
         cert_validity: Duration,
-        api_rate_limit: NonZeroU32,
+        api: ApiOptions,
     ) -> anyhow::Result<Self> {
         let bind = || TcpListener::bind("127.0.0.1:0");
         let listeners = Listeners { agent: bind().await?, enroll: bind().await?, api: bind().await? };
-        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, api_rate_limit, listeners)
-            .await
+        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, api, listeners).await
     }
 
     async fn start_on(
@@ -252,7 +276,7 @@ impl TestControlPlane {
         data_dir: PathBuf,
         master_key: Arc<MasterKey>,
         cert_validity: Duration,
-        api_rate_limit: NonZeroU32,
+        api: ApiOptions,
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
         let agent_addr = listeners.agent.local_addr()?;
@@ -266,8 +290,9 @@ impl TestControlPlane {
             timing,
             master_key: master_key.clone(),
             cert_validity,
-            api_rate_limit,
+            api_rate_limit: api.rate,
             api_tls: flotilla_control_plane::tls::ApiTls::FleetCa,
+            jwt: api.jwt.clone(),
         };
         let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
@@ -285,7 +310,7 @@ impl TestControlPlane {
             master_key,
             cert_validity,
             admin_key,
-            api_rate_limit,
+            api,
             pool: pool.clone(),
             stop,
             task,
@@ -308,7 +333,7 @@ impl TestControlPlane {
             timing: self.timing,
             master_key: self.master_key,
             cert_validity: self.cert_validity,
-            api_rate_limit: self.api_rate_limit,
+            api: self.api,
             addrs: [self.agent_addr, self.enroll_addr, self.api_addr],
         })
     }
