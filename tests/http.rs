@@ -216,6 +216,31 @@ async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> an
         assert!(text.contains(expected), "{expected} in:\n{text}");
     }
 
+    // A bring-your-own-host droplet: pending, with its token and the line to run.
+    let (status, byo) = admin
+        .post(
+            "/v1/droplets",
+            json!({"provider": "byo", "name": "edge-9", "labels": {"tier": "byo"}, "tokenTtl": "900s"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{byo}");
+    assert_eq!(byo["droplet"]["status"], "DROPLET_STATUS_PENDING");
+    assert_eq!(byo["droplet"]["labels"]["tier"], "byo");
+    let token = byo["token"].as_str().unwrap_or_default();
+    let line = byo["installCommand"].as_str().unwrap_or_default();
+    assert!(token.starts_with("FLT1-"), "{byo}");
+    assert!(line.starts_with("docker run --detach --name flotilla-agent --restart unless-stopped"), "{line}");
+    assert!(line.contains(&format!("--env FLOTILLA_TOKEN='{token}'")), "{line}");
+    assert!(
+        line.contains(&format!("--env FLOTILLA_CONTROL_PLANE='https://localhost:{}'", cp.agent_addr.port())),
+        "{line}"
+    );
+    assert!(line.ends_with("'flotilla-agent:test'") && !line.contains('\n'), "{line}");
+    let unknown = admin.post("/v1/droplets", json!({"provider": "moon"})).await?;
+    assert_error(&unknown, 400, "INVALID_ARGUMENT", "provider: \"moon\"");
+    let bad_labels = admin.post("/v1/droplets", json!({"labels": {"-x": "y"}})).await?;
+    assert_error(&bad_labels, 400, "INVALID_ARGUMENT", "labels:");
+
     // Delete, then it is gone.
     let deleted = admin.send(admin.request(reqwest::Method::DELETE, &format!("/v1/droplets/{droplet}"))).await?;
     assert_eq!(deleted.0, 200, "{}", deleted.1);

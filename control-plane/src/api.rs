@@ -532,6 +532,65 @@ impl Fleet for FleetApi {
         }))
     }
 
+    async fn create_droplet(
+        &self,
+        request: Request<proto::CreateDropletRequest>,
+    ) -> Result<Response<proto::CreateDropletResponse>, Status> {
+        let caller = self.caller(&request, Scope::Write, "CreateDroplet").await?;
+        let request = request.into_inner();
+        match request.provider.as_str() {
+            "" | "byo" => {}
+            other => {
+                return Err(Status::invalid_argument(format!("provider: {other:?} is not a provider here (byo)")));
+            }
+        }
+        let labels: std::collections::BTreeMap<String, String> = request.labels.into_iter().collect();
+        let problems = labels::validate(&labels);
+        if !problems.is_empty() {
+            return Err(bad_fields("labels", &problems));
+        }
+        let ttl = match request.token_ttl {
+            None => enrollment::DEFAULT_TTL,
+            Some(ttl) => Duration::try_from(ttl)
+                .map_err(|_| Status::invalid_argument("token_ttl: must be a positive duration"))?,
+        };
+        let account = caller.create_account(&request.account)?;
+        let ca = &self.state.authorities.active;
+        let created =
+            enrollment::create(&self.db, ca, &account, None, &request.name, ttl).await.map_err(
+                |error| match error {
+                    enrollment::CreateError::Store(store::TokenCreateError::Database(error)) => db_error(error),
+                    enrollment::CreateError::Store(store::TokenCreateError::NoAccount(_)) => {
+                        Status::not_found(format!("account: {error}"))
+                    }
+                    other => Status::invalid_argument(other.to_string()),
+                },
+            )?;
+        let droplet = created.row.droplet_id;
+        let row = store::set_labels(&self.db, droplet, &labels)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| Owned::Droplet.not_found(droplet))?;
+        let endpoints = &self.state.endpoints;
+        let options = crate::cloudinit::UserDataOptions::new(
+            endpoints.agent.clone(),
+            endpoints.enroll.clone(),
+            created.token.clone(),
+            ca.sha256_pin(),
+            endpoints.agent_image.clone(),
+        );
+        let install_command = crate::cloudinit::install_command(&options).map_err(|error| {
+            tracing::error!(%error, "the control plane's own droplet settings are not valid");
+            Status::failed_precondition(format!("the control plane's droplet settings: {error}"))
+        })?;
+        tracing::info!(droplet_id = %droplet, %account, by = %caller.principal, "droplet created (byo)");
+        Ok(Response::new(proto::CreateDropletResponse {
+            droplet: Some(droplet_to_proto(row)),
+            token: created.token,
+            install_command,
+        }))
+    }
+
     async fn update_droplet_labels(
         &self,
         request: Request<proto::UpdateDropletLabelsRequest>,

@@ -154,8 +154,8 @@ pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// Renders the `#cloud-config` user data, or says which option is wrong.
-pub fn render(options: &UserDataOptions) -> Result<String, UserDataError> {
+/// The agent's settings (name, value) and its image, validated.
+fn agent_settings(options: &UserDataOptions) -> Result<(String, Vec<(&'static str, String)>), UserDataError> {
     let control_plane = HostPort::parse("control_plane", &options.control_plane)?;
     let enrollment = HostPort::parse("enrollment", &options.enrollment)?;
     let token: Token = options.token.parse().map_err(|_| UserDataError::Token)?;
@@ -184,6 +184,29 @@ pub fn render(options: &UserDataOptions) -> Result<String, UserDataError> {
         ("FLOTILLA_CA_SHA256", pin.clone()),
         ("FLOTILLA_STATE_DIR", STATE_DIR.to_owned()),
     ];
+    Ok((image, env.into()))
+}
+
+/// The one line to run on an existing host (`byo`) to start its agent: the same container
+/// the user data starts. The token is on the command line here, so the line is shown to
+/// whoever created the droplet and nowhere else; it is single-use and expires.
+pub fn install_command(options: &UserDataOptions) -> Result<String, UserDataError> {
+    let (image, env) = agent_settings(options)?;
+    let (size, files) = (options.log_max_size_mib, options.log_max_files);
+    let env: String = env.iter().map(|(name, value)| format!(" --env {name}={}", shell_quote(value))).collect();
+    let health = shell_quote(&format!("test -s {STATE_DIR}/identity.pem"));
+    Ok(format!(
+        "docker run --detach --name {AGENT_CONTAINER} --restart unless-stopped \
+         --volume /var/run/docker.sock:/var/run/docker.sock --volume {STATE_VOLUME}:{STATE_DIR} \
+         --log-driver json-file --log-opt max-size={size}m --log-opt max-file={files} \
+         --health-cmd {health} --health-interval 30s{env} {}",
+        shell_quote(&image)
+    ))
+}
+
+/// Renders the `#cloud-config` user data, or says which option is wrong.
+pub fn render(options: &UserDataOptions) -> Result<String, UserDataError> {
+    let (image, env) = agent_settings(options)?;
     let env_file: String = env.iter().map(|(name, value)| format!("      {name}={value}\n")).collect();
     let script = indent(&bootstrap_script(&image, options), "      ");
 

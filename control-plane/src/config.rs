@@ -255,6 +255,9 @@ pub struct ServeArgs {
     /// The scope of token callers: read or write (admin is for API keys only).
     #[arg(long, env = "FLOTILLA_JWT_SCOPE", default_value = "read")]
     pub jwt_scope: crate::auth::Scope,
+    /// The agent image new droplets run (`[registry/]name:tag`).
+    #[arg(long, env = "FLOTILLA_AGENT_IMAGE", default_value = concat!("flotilla-agent:", env!("CARGO_PKG_VERSION")))]
+    pub agent_image: String,
     /// Connections to PostgreSQL.
     #[arg(long, env = "FLOTILLA_DATABASE_CONNECTIONS", default_value_t = 16)]
     pub database_connections: u32,

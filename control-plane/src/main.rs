@@ -233,6 +233,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         api_rate_limit: args.api_rate_limit,
         api_tls,
         jwt,
+        agent_image: args.agent_image,
     };
     serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }

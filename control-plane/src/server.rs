@@ -54,6 +54,8 @@ pub struct ServeConfig {
     pub api_tls: tls::ApiTls,
     /// Accept Supabase user tokens too.
     pub jwt: Option<crate::jwt::JwtConfig>,
+    /// The agent image new droplets run.
+    pub agent_image: String,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
@@ -112,6 +114,14 @@ pub async fn serve(
         );
     }
 
+    // New droplets reach us at the first public name (loopback for local use) on the
+    // ports we listen on.
+    let host = config.public_names.first().cloned().unwrap_or_else(|| "localhost".to_owned());
+    let endpoints = crate::state::Endpoints {
+        agent: format!("{host}:{}", listeners.agent.local_addr()?.port()),
+        enroll: format!("{host}:{}", listeners.enroll.local_addr()?.port()),
+        agent_image: config.agent_image.clone(),
+    };
     let db_for_keys = db.clone();
     let jwt = config.jwt.clone().map(crate::jwt::Verifier::new).transpose().context("accepting JWTs")?;
     let forward_tls = forward_tls(&config.api_tls, &authorities.bundle);
@@ -128,6 +138,7 @@ pub async fn serve(
         keys: ApiKeys::new(db_for_keys, config.api_rate_limit, jwt),
         bell: events::Bell::default(),
         forward_tls,
+        endpoints,
         stopping: CancellationToken::new(),
     };
 

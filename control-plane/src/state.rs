@@ -33,6 +33,18 @@ pub struct State {
     pub stopping: tokio_util::sync::CancellationToken,
     /// TLS for calls to other replicas' APIs (`None`: they serve plaintext).
     pub forward_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// What new droplets are told: where to connect and which agent image to run.
+    pub endpoints: Endpoints,
+}
+
+/// Where droplets reach the control plane, and the agent image they run.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// `host:port` of the agent port.
+    pub agent: String,
+    /// `host:port` of the enrollment port.
+    pub enroll: String,
+    pub agent_image: String,
 }
 
 impl State {

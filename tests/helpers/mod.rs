@@ -293,6 +293,7 @@ impl TestControlPlane {
             api_rate_limit: api.rate,
             api_tls: flotilla_control_plane::tls::ApiTls::FleetCa,
             jwt: api.jwt.clone(),
+            agent_image: "flotilla-agent:test".into(),
         };
         let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
