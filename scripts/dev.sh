@@ -14,7 +14,7 @@ API_LISTEN=${FLOTILLA_API_LISTEN:-127.0.0.1:7080}
 mkdir -p "$DEV/control-plane" "$DEV/agent"
 
 echo "dev: building" >&2
-cargo build --locked -q -p flotilla-control-plane -p flotilla-agent
+cargo build --locked -q -p flotilla-control-plane -p flotilla-agent -p flotilla --bin flotilla-control-plane --bin flotilla-agent --bin flotilla
 # The test MCP server image the printed examples deploy (built here: nothing is pulled).
 scripts/images.sh
 BIN=target/debug
@@ -98,6 +98,12 @@ gRPC (grpcurl):
   grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{}' localhost:$API_PORT flotilla.v1.Fleet/ListDroplets
   grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{"deployment_id": "<id>"}' localhost:$API_PORT flotilla.v1.Fleet/ListTools
   grpcurl -cacert "\$FLOTILLA_CA_CERT" -H "authorization: Bearer \$FLOTILLA_API_KEY" -d '{"follow": true}' localhost:$API_PORT flotilla.v1.Fleet/WatchEvents
+The CLI (FLOTILLA_URL, FLOTILLA_API_KEY and FLOTILLA_CA_CERT as above):
+  $BIN/flotilla droplets ls
+  $BIN/flotilla deploy --droplet $DROPLET --name echo --image flotilla-test/mcp-server:latest --pull never -e PORT=8080 --mcp-port 8080 --mcp-path /mcp
+  $BIN/flotilla ps
+  $BIN/flotilla tools <id>
+  $BIN/flotilla events -f
 Ctrl-C stops everything.
 
 TXT
