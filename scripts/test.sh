@@ -19,6 +19,18 @@ if ! command -v grpcurl >/dev/null; then
   command -v grpcurl >/dev/null || { echo "test: grpcurl is still not on PATH" >&2; exit 1; }
 fi
 
+# The OpenAPI test checks /openapi.json with openapi-spec-validator and schemathesis (`st`)
+# against a live control plane; the Edge Function test runs the docs' example with Deno.
+if ! command -v openapi-spec-validator >/dev/null || ! command -v st >/dev/null || ! command -v deno >/dev/null; then
+  echo "test: installing openapi-spec-validator, schemathesis and deno (PyPI)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check \
+    'openapi-spec-validator==0.9.0' 'schemathesis==4.32.5' 'deno==2.9.8' >&2
+  hash -r
+  for tool in openapi-spec-validator st deno; do
+    command -v "$tool" >/dev/null || { echo "test: $tool is still not on PATH" >&2; exit 1; }
+  done
+fi
+
 # The registry tests run a real registry on loopback (Debian's docker-registry) and
 # protect it with htpasswd (apache2-utils).
 if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then

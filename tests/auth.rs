@@ -233,6 +233,9 @@ async fn labels_are_replaced_checked_and_selected() -> anyhow::Result<()> {
         expected.sort();
         assert_eq!(ids, expected, "{selector}");
     }
+    // A NUL character cannot be stored: the caller is told, not "database unavailable".
+    let nul = ListDropletsRequest { account: "a\u{0}b".into(), ..Default::default() };
+    assert_eq!(fleet.list_droplets(nul).await.expect_err("NUL").code(), Code::InvalidArgument);
     let bad = fleet.list_droplets(select("tier=,=x")).await.expect_err("bad selector");
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().starts_with("label_selector:"), "{}", bad.message());

@@ -47,6 +47,8 @@ fn spec() -> CreateSpec {
         account: "team-7".into(),
         name: "flotilla-web-1".into(),
         user_data: "#cloud-config\nusers: []\n".into(),
+        agent_env: vec![],
+        agent_image: "flotilla-agent:test".into(),
     }
 }
 

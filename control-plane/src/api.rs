@@ -41,8 +41,14 @@ impl FleetApi {
     }
 }
 
-/// Database failures are logged here and reach the client only as `Unavailable`.
-fn db_error(error: sqlx::Error) -> Status {
+/// Database failures are logged here and reach the client only as `Unavailable`; a text
+/// holding a NUL character (which PostgreSQL cannot store) is the caller's mistake.
+pub fn db_error(error: sqlx::Error) -> Status {
+    if let sqlx::Error::Database(e) = &error
+        && e.code().as_deref() == Some("22021")
+    {
+        return Status::invalid_argument("a text field holds a NUL character, which cannot be stored");
+    }
     tracing::error!(%error, "database error");
     Status::unavailable("the control plane's database is unavailable; try again")
 }
@@ -404,6 +410,17 @@ impl Fleet for FleetApi {
         let caller = self.caller(&request, Scope::Write, "DeleteDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
         caller.reach(&self.db, Owned::Droplet, id).await?;
+        let provider: Option<String> = sqlx::query_scalar("SELECT provider FROM droplets WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(db_error)?;
+        if provider.as_deref().is_some_and(|p| p != "byo") {
+            // Its machine is destroyed by a job; the droplet stays `deleting` until then.
+            let revoked = crate::provisioning::begin_delete(&self.db, id).await.map_err(db_error)?;
+            tracing::info!(droplet_id = %id, by = %caller.principal, "droplet deleting");
+            return Ok(Response::new(DeleteDropletResponse { revoked_certificate_serials: revoked }));
+        }
         let revoked = match store::delete_droplet(&self.db, id).await.map_err(db_error)? {
             Some(revoked) => revoked,
             None => return Err(Owned::Droplet.not_found(id)),
@@ -538,16 +555,42 @@ impl Fleet for FleetApi {
     ) -> Result<Response<proto::CreateDropletResponse>, Status> {
         let caller = self.caller(&request, Scope::Write, "CreateDroplet").await?;
         let request = request.into_inner();
-        match request.provider.as_str() {
-            "" | "byo" => {}
-            other => {
-                return Err(Status::invalid_argument(format!("provider: {other:?} is not a provider here (byo)")));
-            }
-        }
+        let provider = match request.provider.as_str() {
+            "" | "byo" => "byo",
+            name => match self.state.providers.get(name) {
+                Some(_) => name,
+                None => {
+                    let mut known = vec!["byo"];
+                    known.extend(self.state.providers.names());
+                    return Err(Status::invalid_argument(format!(
+                        "provider: {name:?} is not a provider of this control plane ({})",
+                        known.join(", ")
+                    )));
+                }
+            },
+        };
         let labels: std::collections::BTreeMap<String, String> = request.labels.into_iter().collect();
         let problems = labels::validate(&labels);
         if !problems.is_empty() {
             return Err(bad_fields("labels", &problems));
+        }
+        if provider != "byo" {
+            // Made in the background: the answer comes back at once, `provisioning`.
+            let account = caller.create_account(&request.account)?;
+            let timeout = self.state.provision_timeout;
+            let row = crate::provisioning::begin_create(&self.db, &account, provider, &labels, timeout).await.map_err(
+                |error| match error {
+                    sqlx::Error::Database(e) if e.is_foreign_key_violation() => {
+                        Status::not_found(format!("account: {account:?} does not exist"))
+                    }
+                    other => db_error(other),
+                },
+            )?;
+            tracing::info!(droplet_id = %row.id, %provider, %account, by = %caller.principal, "droplet provisioning");
+            return Ok(Response::new(proto::CreateDropletResponse {
+                droplet: Some(droplet_to_proto(row)),
+                ..Default::default()
+            }));
         }
         let ttl = match request.token_ttl {
             None => enrollment::DEFAULT_TTL,
@@ -840,6 +883,10 @@ pub fn droplet_to_proto(row: DropletRow) -> Droplet {
             major: unsigned32(row.protocol_major),
             minor: unsigned32(row.protocol_minor),
         }),
+        provider: row.provider,
+        cloud_id: row.cloud_id.unwrap_or_default(),
+        public_ipv4: row.public_ipv4,
+        private_ipv4: row.private_ipv4,
     }
 }
 

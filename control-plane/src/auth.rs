@@ -166,8 +166,7 @@ impl Caller {
 }
 
 fn database(error: sqlx::Error) -> Status {
-    tracing::error!(%error, "database error");
-    Status::unavailable("the control plane's database is unavailable; try again")
+    crate::api::db_error(error)
 }
 
 /// A new key, as shown once.

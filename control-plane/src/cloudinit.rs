@@ -155,10 +155,10 @@ pub fn shell_quote(value: &str) -> String {
 }
 
 /// The agent's settings as environment variables (name, value).
-type AgentEnv = Vec<(&'static str, String)>;
+pub type AgentEnv = Vec<(&'static str, String)>;
 
 /// The agent's image and settings, validated.
-fn agent_settings(options: &UserDataOptions) -> Result<(String, AgentEnv), UserDataError> {
+pub fn agent_settings(options: &UserDataOptions) -> Result<(String, AgentEnv), UserDataError> {
     let control_plane = HostPort::parse("control_plane", &options.control_plane)?;
     let enrollment = HostPort::parse("enrollment", &options.enrollment)?;
     let token: Token = options.token.parse().map_err(|_| UserDataError::Token)?;

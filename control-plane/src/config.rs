@@ -258,6 +258,31 @@ pub struct ServeArgs {
     /// The agent image new droplets run (`[registry/]name:tag`).
     #[arg(long, env = "FLOTILLA_AGENT_IMAGE", default_value = concat!("flotilla-agent:", env!("CARGO_PKG_VERSION")))]
     pub agent_image: String,
+    /// Offer the `local` provider: droplets as agent containers on this machine's Docker
+    /// engine (development and tests).
+    #[arg(long, env = "FLOTILLA_LOCAL_PROVIDER")]
+    pub local_provider: bool,
+    /// Offer the `digitalocean` provider with this API token (never logged or stored).
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_TOKEN", hide_env_values = true)]
+    pub digitalocean_token: Option<String>,
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_REGION", default_value = "fra1")]
+    pub digitalocean_region: String,
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_SIZE", default_value = "s-1vcpu-1gb")]
+    pub digitalocean_size: String,
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_IMAGE", default_value = "debian-12-x64")]
+    pub digitalocean_image: String,
+    /// SSH key fingerprints or ids put on new droplets' root (repeatable; break-glass only).
+    #[arg(long = "digitalocean-ssh-key", env = "FLOTILLA_DIGITALOCEAN_SSH_KEYS", value_delimiter = ',')]
+    pub digitalocean_ssh_keys: Vec<String>,
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_VPC")]
+    pub digitalocean_vpc: Option<String>,
+    /// DigitalOcean's API (a stand-in in tests).
+    #[arg(long, env = "FLOTILLA_DIGITALOCEAN_API", default_value = "https://api.digitalocean.com")]
+    pub digitalocean_api: String,
+    /// How long a provider's new droplet has to connect before it is `error` and what was
+    /// made for it is destroyed.
+    #[arg(long, env = "FLOTILLA_PROVISION_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub provision_timeout: Duration,
     /// Connections to PostgreSQL.
     #[arg(long, env = "FLOTILLA_DATABASE_CONNECTIONS", default_value_t = 16)]
     pub database_connections: u32,
@@ -346,6 +371,30 @@ impl Timing {
 }
 
 impl ServeArgs {
+    /// The providers the flags configure.
+    pub fn providers(&self) -> anyhow::Result<crate::provisioning::Providers> {
+        use std::sync::Arc;
+        let mut providers = crate::provisioning::Providers::default();
+        if self.local_provider {
+            let local = crate::provider::local::Local::new(crate::provider::local::LocalConfig::default())?;
+            providers = providers.with("local", Arc::new(local));
+        }
+        if let Some(token) = &self.digitalocean_token {
+            use crate::provider::digitalocean::{ApiToken, DigitalOcean, DigitalOceanConfig};
+            let mut config = DigitalOceanConfig::new(
+                ApiToken::new(token.clone()),
+                &self.digitalocean_region,
+                &self.digitalocean_size,
+                &self.digitalocean_image,
+            );
+            config.base_url = self.digitalocean_api.clone();
+            config.ssh_keys = self.digitalocean_ssh_keys.clone();
+            config.vpc_uuid = self.digitalocean_vpc.clone();
+            providers = providers.with("digitalocean", Arc::new(DigitalOcean::new(config)?));
+        }
+        Ok(providers)
+    }
+
     /// Whether and how Supabase user tokens are accepted, from the flags.
     pub fn jwt(&self) -> Result<Option<crate::jwt::JwtConfig>, String> {
         if self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() {

@@ -114,6 +114,7 @@ impl Http {
         grpc.route("/healthz", axum::routing::get(|| async { axum::Json(json!({"status": "ok"})) }))
             .route("/readyz", axum::routing::get(move || async move { ready.readyz().await }))
             .route("/metrics", axum::routing::get(move || async move { scraped.metrics().await }))
+            .route("/openapi.json", crate::openapi::route())
             .fallback(move |request: axum::extract::Request| async move { self.handle(request).await })
             .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
                 let counted = counted.clone();

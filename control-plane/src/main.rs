@@ -222,6 +222,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let key = master_key(&args.state)?;
     let db = store::connect(&args.state.database_url, args.database_connections).await?;
     let api_tls = args.api_tls();
+    let providers = args.providers()?;
     let jwt = args.jwt().map_err(anyhow::Error::msg)?;
     let config = ServeConfig {
         data_dir: args.state.data_dir,
@@ -233,7 +234,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         api_rate_limit: args.api_rate_limit,
         api_tls,
         jwt,
-        agent_image: args.agent_image,
+        agent_image: args.agent_image.clone(),
+        providers,
+        provision_timeout: args.provision_timeout,
     };
     serve(db, config, Listeners { agent, enroll, api }, shutdown_signal()).await
 }

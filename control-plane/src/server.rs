@@ -56,6 +56,9 @@ pub struct ServeConfig {
     pub jwt: Option<crate::jwt::JwtConfig>,
     /// The agent image new droplets run.
     pub agent_image: String,
+    /// Providers besides `byo`, and how long their droplets have to connect.
+    pub providers: crate::provisioning::Providers,
+    pub provision_timeout: Duration,
 }
 
 /// The control plane's bound sockets. Tests bind port 0.
@@ -139,6 +142,8 @@ pub async fn serve(
         bell: events::Bell::default(),
         forward_tls,
         endpoints,
+        providers: config.providers.clone(),
+        provision_timeout: config.provision_timeout,
         stopping: CancellationToken::new(),
     };
 
@@ -185,6 +190,7 @@ pub async fn serve(
     .await
     .context("listening for commands")?;
 
+    crate::provisioning::spawn(&state, &stop_background, &mut background);
     events::spawn_listener(&state.db, state.bell.clone(), stop_background.clone(), &mut background)
         .await
         .context("listening for events")?;

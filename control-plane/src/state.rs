@@ -35,6 +35,10 @@ pub struct State {
     pub forward_tls: Option<tonic::transport::ClientTlsConfig>,
     /// What new droplets are told: where to connect and which agent image to run.
     pub endpoints: Endpoints,
+    /// The providers droplets can be made with (besides `byo`).
+    pub providers: crate::provisioning::Providers,
+    /// How long a provider's droplet has to connect before it is `error` and cleaned up.
+    pub provision_timeout: Duration,
 }
 
 /// Where droplets reach the control plane, and the agent image they run.

@@ -97,6 +97,12 @@ pub struct DropletRow {
     pub connected_at: Option<DateTime<Utc>>,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub disconnected_at: Option<DateTime<Utc>>,
+    /// `byo`, `local`, `digitalocean`.
+    pub provider: String,
+    /// The provider's id for the droplet's machine, once made.
+    pub cloud_id: Option<String>,
+    pub public_ipv4: String,
+    pub private_ipv4: String,
 }
 
 /// The latest heartbeat of one droplet, waiting to be written.

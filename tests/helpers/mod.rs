@@ -164,11 +164,21 @@ pub struct ApiOptions {
     /// Requests per second per key.
     pub rate: NonZeroU32,
     pub jwt: Option<flotilla_control_plane::jwt::JwtConfig>,
+    /// What new droplets run, and the providers that make them.
+    pub agent_image: String,
+    pub providers: flotilla_control_plane::provisioning::Providers,
+    pub provision_timeout: Duration,
 }
 
 impl Default for ApiOptions {
     fn default() -> Self {
-        Self { rate: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN), jwt: None }
+        Self {
+            rate: NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN),
+            jwt: None,
+            agent_image: "flotilla-agent:test".into(),
+            providers: Default::default(),
+            provision_timeout: Duration::from_secs(120),
+        }
     }
 }
 
@@ -248,6 +258,11 @@ impl TestControlPlane {
         Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
     }
 
+    /// A control plane with these API options.
+    pub async fn start_with_api(pool: &PgPool, timing: Timing, api: ApiOptions) -> anyhow::Result<Self> {
+        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
+    }
+
     /// A control plane that also accepts JWTs as `jwt` says.
     pub async fn start_with_jwt(
         pool: &PgPool,
@@ -293,7 +308,9 @@ impl TestControlPlane {
             api_rate_limit: api.rate,
             api_tls: flotilla_control_plane::tls::ApiTls::FleetCa,
             jwt: api.jwt.clone(),
-            agent_image: "flotilla-agent:test".into(),
+            agent_image: api.agent_image.clone(),
+            providers: api.providers.clone(),
+            provision_timeout: api.provision_timeout,
         };
         let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(

@@ -12,6 +12,7 @@ use flotilla::DropletId;
 use futures::future::BoxFuture;
 
 pub mod digitalocean;
+pub mod local;
 
 /// The provider's own id for a machine (DigitalOcean: the droplet's integer id).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +32,12 @@ pub struct CreateSpec {
     /// The machine's name (and hostname).
     pub name: String,
     /// The `#cloud-config` from [`crate::cloudinit::render`]; it holds a one-time token.
+    /// Cloud machines boot with it.
     pub user_data: String,
+    /// The agent's settings as its environment, and its image: what the user data starts,
+    /// for providers that start the agent container themselves (`local`). Holds the token.
+    pub agent_env: Vec<(&'static str, String)>,
+    pub agent_image: String,
 }
 
 impl fmt::Debug for CreateSpec {
@@ -41,6 +47,8 @@ impl fmt::Debug for CreateSpec {
             .field("account", &self.account)
             .field("name", &self.name)
             .field("user_data", &format_args!("<{} bytes>", self.user_data.len()))
+            .field("agent_env", &format_args!("<{} settings>", self.agent_env.len()))
+            .field("agent_image", &self.agent_image)
             .finish()
     }
 }
@@ -150,6 +158,8 @@ mod tests {
             account: "default".into(),
             name: "web-1".into(),
             user_data: "FLOTILLA_TOKEN=FLT1-secret".into(),
+            agent_env: vec![("FLOTILLA_TOKEN", "FLT1-secret".into())],
+            agent_image: "flotilla-agent:test".into(),
         };
         let shown = format!("{spec:?}");
         assert!(!shown.contains("FLT1") && shown.contains("bytes"), "{shown}");
