@@ -11,9 +11,8 @@ use flotilla_control_plane::auth::Scope;
 use helpers::deploy::{IMAGE, Online};
 use serde_json::{Value, json};
 
-/// Where the example is printed: the README once the section is merged there, this file
-/// until then. The first one that has the section wins.
-const DOCS: &[&str] = &["README.md", "docs/edge-function.md"];
+/// Where the example is printed, verbatim: the README.
+const DOCS: &[&str] = &["README.md"];
 const SECTION: &str = "## Calling Flotilla from a Supabase Edge Function";
 
 /// The section's TypeScript block.
