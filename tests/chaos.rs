@@ -102,6 +102,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
             name: String::new(),
             spec: Some(test_server_spec()),
             options: Some(CommandOptions { idempotency_key: format!("create-{droplet}"), deadline: None }),
+            validate_only: false,
         };
         let created = any(&apis, &api_key, |mut f| {
             let request = request.clone();

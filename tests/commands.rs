@@ -71,6 +71,7 @@ async fn a_deadline_that_passes_while_the_droplet_is_offline_expires_the_command
         name: String::new(),
         spec: Some(test_server_spec()),
         options: Some(CommandOptions { idempotency_key: String::new(), deadline: Some(deadline.into()) }),
+        validate_only: false,
     };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -95,6 +96,7 @@ async fn the_same_idempotency_key_makes_one_command_even_at_the_same_moment() ->
         name: "once".into(),
         spec: Some(test_server_spec()),
         options: key("create-once"),
+        validate_only: false,
     };
     let (mut a, mut b) = (cp.fleet().await?, cp.fleet().await?);
     let (first, second) = tokio::join!(a.create_deployment(request()), b.create_deployment(request()));

@@ -28,6 +28,7 @@ async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyh
         name: "test-mcp".into(),
         spec: Some(test_server_spec()),
         options: None,
+        validate_only: false,
     };
     let created = cp.fleet().await?.create_deployment(request).await?.into_inner();
     assert_eq!(created.generation, 1);
@@ -83,6 +84,7 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
         name: String::new(),
         spec: Some(spec),
         options: None,
+        validate_only: false,
     };
     let status = cp.fleet().await?.create_deployment(request).await.expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -103,6 +105,7 @@ async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_store
         name: String::new(),
         spec: Some(test_server_spec()),
         options: None,
+        validate_only: false,
     };
     assert_eq!(cp.fleet().await?.create_deployment(request).await.expect_err("no droplet").code(), Code::NotFound);
     cp.stop().await?;

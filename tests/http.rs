@@ -299,6 +299,26 @@ async fn deploy_wait_healthy_tools_logs_and_remove_over_http() -> anyhow::Result
     assert!(fields.contains(&"spec.image"), "{fields:?}");
     assert!(fields.iter().any(|f| f.starts_with("spec.ports")), "{fields:?}");
 
+    // validate_only: checked like a create, answered with what it would make, nothing stored.
+    let (status, preview) = http
+        .post(
+            &format!("/v1/droplets/{}/deployments", online.droplet),
+            json!({"name": "echo", "spec": spec, "validateOnly": true}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{preview}");
+    assert!(preview.get("id").is_none() && preview.get("lastCommandId").is_none(), "{preview}");
+    assert_eq!(preview["spec"]["env"][1]["value"], "***");
+    let (_, none_yet) = http.get(&format!("/v1/droplets/{}/deployments", online.droplet)).await?;
+    assert!(none_yet.get("deployments").is_none(), "nothing stored: {none_yet}");
+    let invalid = json!({"spec": {"image": ""}, "validateOnly": true});
+    assert_error(
+        &http.post(&format!("/v1/droplets/{}/deployments", online.droplet), invalid).await?,
+        400,
+        "INVALID_ARGUMENT",
+        "",
+    );
+
     let body = json!({"name": "echo", "spec": spec, "options": {"idempotencyKey": "http-create-1"}});
     let (status, created) = http.post(&format!("/v1/droplets/{}/deployments", online.droplet), body.clone()).await?;
     assert_eq!(status, 200, "{created}");

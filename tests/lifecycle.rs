@@ -177,6 +177,7 @@ async fn a_host_port_taken_by_another_deployment_on_the_droplet_is_refused() -> 
         name: String::new(),
         spec: Some(clash),
         options: None,
+        validate_only: false,
     };
     let status = cp.fleet().await?.create_deployment(request).await.expect_err("port taken");
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -209,6 +209,7 @@ async fn the_replica_holding_the_session_killed_mid_command_another_replica_fini
             name: String::new(),
             spec: Some(test_server_spec()),
             options: None,
+            validate_only: false,
         })
         .await?
         .into_inner();

@@ -197,6 +197,10 @@ impl Fleet for FleetApi {
         caller.reach(&self.db, Owned::Droplet, droplet).await?;
         let droplet = DropletId::from_uuid(droplet);
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        if request.validate_only {
+            let checked = deployments::validate(&self.state, droplet, &request.name, spec).await;
+            return Ok(Response::new(checked.map_err(deployment_status)?));
+        }
         let options = options(request.options, &caller, remote)?;
         let created = deployments::create(&self.state, droplet, &request.name, spec, &options)
             .await

@@ -265,6 +265,35 @@ pub async fn create(
     Ok(deployment)
 }
 
+/// What `create` would store, checked the same way (spec, droplet, host ports) but not
+/// stored and not sent: the answer to `validate_only`.
+pub async fn validate(
+    state: &State,
+    droplet: DropletId,
+    name: &str,
+    spec: proto::DeploymentSpec,
+) -> Result<proto::Deployment, DeploymentError> {
+    let validated = DeploymentSpec::try_from(spec.clone())?;
+    let mut tx = state.db.begin().await?;
+    let account: Option<String> =
+        sqlx::query_scalar("SELECT account FROM droplets WHERE id = $1 AND status <> 'deleting'")
+            .bind(droplet.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let account = account.ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
+    host_port_conflicts(state, &mut tx, droplet, Uuid::nil(), &validated).await?;
+    tx.rollback().await?;
+    Ok(proto::Deployment {
+        droplet_id: droplet.to_string(),
+        account,
+        name: name.to_owned(),
+        generation: 1,
+        desired_state: proto::deployment::DesiredState::Running as i32,
+        spec: Some(mask(spec)),
+        ..Default::default()
+    })
+}
+
 /// The spec of `generation` of a deployment, for its `Deploy` command; `Ok(Err(why))`
 /// when that generation is no longer wanted.
 pub async fn spec_for(

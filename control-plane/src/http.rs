@@ -152,7 +152,10 @@ impl Http {
                 None => "other".to_owned(),
             }
         };
-        let response = next.run(request).await;
+        // Everything logged while the request is served carries its id.
+        let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let span = tracing::info_span!("request", request_id = %id, %route);
+        let response = tracing::Instrument::instrument(next.run(request), span).await;
         let code = if grpc {
             let code = Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code());
             code_name(code).to_owned()

@@ -110,6 +110,7 @@ pub async fn create(cp: &TestControlPlane, droplet: DropletId, spec: DeploymentS
         name: String::new(),
         spec: Some(spec),
         options: None,
+        validate_only: false,
     };
     Ok(cp.fleet().await?.create_deployment(request).await?.into_inner())
 }

@@ -39,6 +39,7 @@ pub async fn deploy(fleet: &mut Fleet, out: Output, args: DeployArgs) -> anyhow:
         name: args.name.unwrap_or_default(),
         spec: Some(spec),
         options: options(args.idempotency_key),
+        validate_only: false,
     };
     let created = fleet.create_deployment(request).await?.into_inner();
     if !waiting {
