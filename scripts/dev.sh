@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local stack in one command: a private PostgreSQL (unless DATABASE_URL is set), the
-# control plane, and one agent connected over mutual TLS. State lives in .flotilla-dev/
-# (or FLOTILLA_DEV_DIR), so a second run reuses the database, the CA and the droplet.
-# Ctrl-C stops everything this script started.
+# control plane with an admin API key, and one `local` droplet: an agent container on this
+# Docker engine that enrolls with a one-time token and connects over mutual TLS. State lives
+# in .flotilla-dev/ (or FLOTILLA_DEV_DIR), so a second run reuses the database, the CA, the
+# key and the droplet. Ctrl-C stops everything this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/postgres.sh
@@ -11,17 +12,24 @@ DEV=$(realpath -m "${FLOTILLA_DEV_DIR:-.flotilla-dev}")
 AGENT_LISTEN=${FLOTILLA_AGENT_LISTEN:-127.0.0.1:7443}
 ENROLL_LISTEN=${FLOTILLA_ENROLL_LISTEN:-127.0.0.1:7444}
 API_LISTEN=${FLOTILLA_API_LISTEN:-127.0.0.1:7080}
-mkdir -p "$DEV/control-plane" "$DEV/agent"
+mkdir -p "$DEV/control-plane"
 
 echo "dev: building" >&2
-cargo build --locked -q -p flotilla-control-plane -p flotilla-agent -p flotilla --bin flotilla-control-plane --bin flotilla-agent --bin flotilla
-# The test MCP server image the printed examples deploy (built here: nothing is pulled).
+cargo build --locked -q -p flotilla-control-plane -p flotilla --bin flotilla-control-plane --bin flotilla
+# The agent image the local droplet runs and the test MCP server the printed examples
+# deploy (built here: nothing is pulled).
 scripts/images.sh
 BIN=target/debug
 
 PIDS=()
+DROPLET=
 cleanup() {
   trap - EXIT INT TERM
+  if [ -n "$DROPLET" ]; then
+    # The droplet's agent, then what it runs: stopped, kept for the next run.
+    docker stop "flotilla-droplet-$DROPLET" >/dev/null 2>&1 || true
+    docker ps -q --filter "label=dev.flotilla.droplet=$DROPLET" | xargs -r docker stop >/dev/null 2>&1 || true
+  fi
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   stop_postgres
@@ -49,7 +57,7 @@ chmod 600 "$DEV/admin.key"
 KEY=$(cat "$DEV/admin.key")
 RUST_LOG=${RUST_LOG:-info} "$BIN/flotilla-control-plane" serve \
   --agent-listen "$AGENT_LISTEN" --enroll-listen "$ENROLL_LISTEN" --api-listen "$API_LISTEN" \
-  --heartbeat-interval 5s --flush-interval 5s --reconnect-grace 30s &
+  --heartbeat-interval 5s --flush-interval 5s --reconnect-grace 30s --local-provider &
 PIDS+=($!)
 
 for _ in $(seq 1 100); do
@@ -58,26 +66,36 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-# The droplet enrolls with a one-time token on its first run and keeps its certificate
-# (renewing it over the session) after that.
-[ -f "$DEV/agent/droplet-id" ] || python3 -c 'import uuid; print(uuid.uuid4())' > "$DEV/agent/droplet-id"
-DROPLET=$(cat "$DEV/agent/droplet-id")
-TOKEN_ARGS=()
-if [ ! -f "$DEV/agent/identity.pem" ]; then
-  TOKEN=$("$BIN/flotilla-control-plane" token create --droplet "$DROPLET" --name dev --ttl 10m 2>/dev/null)
-  TOKEN_ARGS=(--token "$TOKEN")
-fi
-
-"$BIN/flotilla-agent" --control-plane "https://localhost:${AGENT_LISTEN##*:}" \
-  --enroll-url "https://localhost:${ENROLL_LISTEN##*:}" --state-dir "$DEV/agent" "${TOKEN_ARGS[@]}" &
-PIDS+=($!)
-
 API_PORT=${API_LISTEN##*:}
 CA="$DEV/control-plane/ca.crt"
+export FLOTILLA_URL=https://localhost:$API_PORT FLOTILLA_API_KEY=$KEY FLOTILLA_CA_CERT=$CA
+for _ in $(seq 1 100); do
+  "$BIN/flotilla" droplets ls >/dev/null 2>&1 && break
+  kill -0 "${PIDS[0]}" 2>/dev/null || { echo "dev: the control plane exited" >&2; exit 1; }
+  sleep 0.2
+done
+
+# The droplet: an agent container made by the `local` provider on the first run (it
+# enrolls with a one-time token, then keeps its certificate in its state volume), started
+# again on the next ones.
+[ -f "$DEV/droplet-id" ] && DROPLET=$(cat "$DEV/droplet-id")
+if [ -n "$DROPLET" ] && docker container inspect "flotilla-droplet-$DROPLET" >/dev/null 2>&1; then
+  docker start "flotilla-droplet-$DROPLET" >/dev/null
+else
+  DROPLET=$("$BIN/flotilla" droplets create --provider local --name dev --json |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["droplet"]["id"])')
+  echo "$DROPLET" > "$DEV/droplet-id"
+fi
+echo "dev: waiting for droplet $DROPLET to come online" >&2
+for _ in $(seq 1 120); do
+  "$BIN/flotilla" droplets get "$DROPLET" --json 2>/dev/null | grep -q DROPLET_STATUS_ONLINE && break
+  sleep 0.5
+done
 SPEC='{"image": "flotilla-test/mcp-server:latest", "pullPolicy": "PULL_POLICY_NEVER", "env": [{"name": "PORT", "value": "8080"}], "mcp": {"port": 8080, "path": "/mcp"}, "healthCheck": {"mcp": {}, "interval": "2s"}}'
 cat >&2 <<TXT
 
-dev: the stack is up. Droplet $DROPLET is connecting over mTLS.
+dev: the stack is up. Droplet $DROPLET ($("$BIN/flotilla" droplets get "$DROPLET" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"])')) is an agent container
+connected over mTLS.
 The API (gRPC and HTTP/JSON on one port) serves TLS from the fleet CA; the admin key is
 kept in $DEV/admin.key. In another shell:
 
@@ -108,4 +126,4 @@ Ctrl-C stops everything.
 
 TXT
 wait -n "${PIDS[@]}"
-echo "dev: a process exited; stopping the rest" >&2
+echo "dev: the control plane exited; stopping the rest" >&2
