@@ -229,7 +229,10 @@ async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> an
     let token = byo["token"].as_str().unwrap_or_default();
     let line = byo["installCommand"].as_str().unwrap_or_default();
     assert!(token.starts_with("FLT1-"), "{byo}");
-    assert!(line.starts_with("docker run --detach --name flotilla-agent --restart unless-stopped"), "{line}");
+    assert!(
+        line.starts_with("docker run --detach --name flotilla-agent --restart unless-stopped --network host"),
+        "{line}"
+    );
     assert!(line.contains(&format!("--env FLOTILLA_TOKEN='{token}'")), "{line}");
     assert!(
         line.contains(&format!("--env FLOTILLA_CONTROL_PLANE='https://localhost:{}'", cp.agent_addr.port())),

@@ -199,7 +199,7 @@ pub fn install_command(options: &UserDataOptions) -> Result<String, UserDataErro
     let env: String = env.iter().map(|(name, value)| format!(" --env {name}={}", shell_quote(value))).collect();
     let health = shell_quote(&format!("test -s {STATE_DIR}/identity.pem"));
     Ok(format!(
-        "docker run --detach --name {AGENT_CONTAINER} --restart unless-stopped \
+        "docker run --detach --name {AGENT_CONTAINER} --restart unless-stopped --network host \
          --volume /var/run/docker.sock:/var/run/docker.sock --volume {STATE_VOLUME}:{STATE_DIR} \
          --log-driver json-file --log-opt max-size={size}m --log-opt max-file={files} \
          --health-cmd {health} --health-interval 30s{env} {}",
@@ -286,9 +286,11 @@ if docker container inspect {AGENT_CONTAINER} >/dev/null 2>&1; then
   exit 0
 fi
 
-# No published ports: the agent only dials out. Health: the agent holds its own certificate.
+# No published ports: the agent only dials out. The host's network namespace lets it reach
+# the containers it runs on the droplet's own network (Docker isolates bridge networks
+# from each other). Health: the agent holds its own certificate.
 docker run --detach --name {AGENT_CONTAINER} \\
-  --restart unless-stopped \\
+  --restart unless-stopped --network host \\
   --env-file {AGENT_ENV_PATH} \\
   --volume /var/run/docker.sock:/var/run/docker.sock \\
   --volume {STATE_VOLUME}:{STATE_DIR} \\
