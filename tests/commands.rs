@@ -45,7 +45,9 @@ async fn a_command_issued_while_the_droplet_is_offline_runs_once_when_it_returns
     let command = command.into_inner();
     assert_eq!((command.state(), command.kind.as_str(), command.attempts), (State::Queued, "deploy", 0));
     assert_eq!(command.deployment_id, created.id);
-    assert!(command.requested_by.starts_with("api "), "{}", command.requested_by);
+    // Who asked: the API key (by prefix and name, never the key) and where from.
+    let by = &command.requested_by;
+    assert!(by.starts_with("key flk_") && by.ends_with("(tests) from 127.0.0.1"), "{by}");
 
     let agent = cp.agent(droplet).await?;
     let done = wait(&cp, &created.last_command_id).await?;
