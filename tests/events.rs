@@ -37,6 +37,12 @@ async fn next(stream: &mut tonic::Streaming<Event>, within: Duration) -> anyhow:
     }
 }
 
+/// Following again after `cursor`; before any event was seen, from the oldest (an empty
+/// cursor alone would mean "from now" and skip what was written meanwhile).
+fn resume(cursor: &str) -> WatchEventsRequest {
+    WatchEventsRequest { from_oldest: cursor.is_empty(), ..follow(cursor) }
+}
+
 fn follow(cursor: &str) -> WatchEventsRequest {
     WatchEventsRequest { cursor: cursor.to_owned(), follow: true, kinds: vec!["test.*".into()], ..Default::default() }
 }
@@ -114,10 +120,10 @@ async fn a_watcher_that_disconnects_and_resumes_sees_every_event_once() -> anyho
                 seen.push(event.message);
                 // Hang up every 37 events and come back where we were.
                 if seen.len() % 37 == 0 {
-                    stream = fleet.watch_events(follow(&cursor)).await?.into_inner();
+                    stream = fleet.watch_events(resume(&cursor)).await?.into_inner();
                 }
             }
-            None => stream = fleet.watch_events(follow(&cursor)).await?.into_inner(),
+            None => stream = fleet.watch_events(resume(&cursor)).await?.into_inner(),
         }
     }
     while let Some(done) = writers.join_next().await {
