@@ -131,10 +131,17 @@ impl FleetApi {
         Ok(caller)
     }
 
-    /// The deployment `id` names, when the caller may reach it with `scope`.
-    async fn deployment<T>(&self, request: &Request<T>, scope: Scope, call: &str, id: &str) -> Result<Uuid, Status> {
+    /// The deployment named by `field` (`id` or `deployment_id`), when the caller may
+    /// reach it with `scope`.
+    async fn deployment<T>(
+        &self,
+        request: &Request<T>,
+        scope: Scope,
+        call: &str,
+        (field, id): (&str, &str),
+    ) -> Result<Uuid, Status> {
         let caller = self.caller(request, scope, call).await?;
-        let id = parse_id(if call == "ListTools" || call == "TailLogs" { "deployment_id" } else { "id" }, id)?;
+        let id = parse_id(field, id)?;
         caller.reach(&self.db, Owned::Deployment, id).await?;
         Ok(id)
     }
@@ -210,12 +217,14 @@ impl Fleet for FleetApi {
     }
 
     async fn list_tools(&self, request: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
-        let id = self.deployment(&request, Scope::Read, "ListTools", &request.get_ref().deployment_id).await?;
+        let id = self
+            .deployment(&request, Scope::Read, "ListTools", ("deployment_id", &request.get_ref().deployment_id))
+            .await?;
         Ok(Response::new(deployments::tools(&self.state, id).await.map_err(deployment_status)?))
     }
 
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
-        let id = self.deployment(&request, Scope::Read, "GetDeployment", &request.get_ref().id).await?;
+        let id = self.deployment(&request, Scope::Read, "GetDeployment", ("id", &request.get_ref().id)).await?;
         Ok(Response::new(deployments::get(&self.state, id).await.map_err(deployment_status)?))
     }
 
@@ -382,7 +391,7 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::InspectDeploymentRequest>,
     ) -> Result<Response<proto::ContainerStatus>, Status> {
-        self.deployment(&request, Scope::Read, "InspectDeployment", &request.get_ref().id).await?;
+        self.deployment(&request, Scope::Read, "InspectDeployment", ("id", &request.get_ref().id)).await?;
         let origin = live::Origin::of(request.metadata());
         Ok(Response::new(live::inspect(&self.state, &request.get_ref().id, &origin).await?))
     }
@@ -391,7 +400,7 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::CheckDeploymentHealthRequest>,
     ) -> Result<Response<proto::CheckDeploymentHealthResponse>, Status> {
-        self.deployment(&request, Scope::Read, "CheckDeploymentHealth", &request.get_ref().id).await?;
+        self.deployment(&request, Scope::Read, "CheckDeploymentHealth", ("id", &request.get_ref().id)).await?;
         let origin = live::Origin::of(request.metadata());
         Ok(Response::new(live::check_health(&self.state, &request.get_ref().id, &origin).await?))
     }
@@ -402,7 +411,7 @@ impl Fleet for FleetApi {
         &self,
         request: Request<proto::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
-        self.deployment(&request, Scope::Read, "TailLogs", &request.get_ref().deployment_id).await?;
+        self.deployment(&request, Scope::Read, "TailLogs", ("deployment_id", &request.get_ref().deployment_id)).await?;
         let origin = live::Origin::of(request.metadata());
         Ok(Response::new(live::tail_logs(&self.state, request.into_inner(), &origin).await?))
     }
