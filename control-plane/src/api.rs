@@ -364,8 +364,8 @@ impl Fleet for FleetApi {
             Some(Ok(t)) if t <= MAX_WAIT => t,
             Some(_) => return Err(Status::invalid_argument("timeout: must be between 0 and 5 minutes")),
         };
-        // Subscribed before reading, so a completion in between is not missed.
-        let mut done = self.state.completions.subscribe();
+        // Waiting before reading, so a completion in between is not missed.
+        let mut done = self.state.completions.wait(id);
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let row = commands::get(&self.db, id).await.map_err(db_error)?;
@@ -373,16 +373,8 @@ impl Fleet for FleetApi {
             if commands::is_final(&row.state) {
                 return Ok(Response::new(commands::to_proto(&row)));
             }
-            loop {
-                match tokio::time::timeout_at(until, done.recv()).await {
-                    Err(_) => return Ok(Response::new(commands::to_proto(&row))),
-                    Ok(Ok(finished)) if finished != id && !finished.is_nil() => continue,
-                    // Ours, "any" (the listener reconnected), or missed some: read again.
-                    Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                        return Err(Status::unavailable("the control plane is shutting down"));
-                    }
-                }
+            if tokio::time::timeout_at(until, done.changed()).await.is_err() {
+                return Ok(Response::new(commands::to_proto(&row)));
             }
         }
     }

@@ -9,7 +9,11 @@
 //!
 //! `NOTIFY` carries ids only. Missed notifications are covered by a slow poll.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use flotilla::{
@@ -19,10 +23,11 @@ use flotilla::{
 use prost::Message as _;
 use sqlx::{PgConnection, PgPool, postgres::PgListener};
 use tokio::{
-    sync::{Notify, broadcast},
+    sync::{Notify, mpsc, watch},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -223,53 +228,213 @@ pub async fn list(
     .await
 }
 
-/// The agent has the command.
-pub async fn acked(db: &PgPool, droplet: DropletId, id: Uuid) -> sqlx::Result<()> {
-    let mut tx = db.begin().await?;
-    let row: Option<CommandRow> = sqlx::query_as(
-        "UPDATE commands SET state = 'acked', acked_at = now()
-         WHERE id = $1 AND droplet_id = $2 AND state IN ('queued', 'sent') RETURNING *",
-    )
-    .bind(id)
-    .bind(droplet.as_uuid())
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(row) = row {
-        event(&mut tx, &row, "command.acked", "the droplet has it").await?;
-    }
-    tx.commit().await
+/// What an agent said about a command, and when it was heard.
+#[derive(Debug)]
+pub enum Answer {
+    /// The agent has the command.
+    Acked(Uuid, DateTime<Utc>),
+    /// The command is final on the agent.
+    Finished(Box<proto::CommandResult>, DateTime<Utc>),
 }
 
-/// The agent's answer: the command is final. Answers to commands not open (repeats,
-/// late answers) change nothing.
-pub async fn finished(db: &PgPool, droplet: DropletId, result: &proto::CommandResult) -> sqlx::Result<()> {
-    let Ok(id) = Uuid::try_parse(&result.command_id) else { return Ok(()) };
-    let state = match (result.success, result.expired) {
-        (true, _) => "succeeded",
-        (false, true) => "expired",
-        (false, false) => "failed",
-    };
+/// Answers gathered from one session at most, per transaction.
+const BATCH: usize = 512;
+
+/// Records a session's answers in the ledger. The session's inbound loop hands each
+/// answer over and reads on; the recorder writes whatever has gathered meanwhile in one
+/// transaction (a group commit): one transaction per answer when the control plane is
+/// idle, one per hundreds when it is busy, instead of one per answer always.
+pub struct Recorder {
+    tx: mpsc::Sender<Answer>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    pub fn start(state: State, droplet: DropletId) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Answer>(BATCH);
+        let task = tokio::spawn(
+            async move {
+                let mut batch = Vec::with_capacity(BATCH);
+                while rx.recv_many(&mut batch, BATCH).await > 0 {
+                    match record(&state.db, droplet, &batch).await {
+                        Ok(finished) => {
+                            let metrics = crate::metrics::get();
+                            for (state, round_trip) in finished {
+                                metrics.command_finished(state, round_trip);
+                            }
+                        }
+                        // The commands stay open: they are sent again on the next session,
+                        // and the agent answers from its record.
+                        Err(error) => tracing::warn!(%error, answers = batch.len(), "could not record answers"),
+                    }
+                    batch.clear();
+                    // Room in the window: the next commands may go.
+                    state.sessions.wake(droplet);
+                }
+            }
+            .in_current_span(),
+        );
+        Self { tx, task }
+    }
+
+    /// Hands an answer over; waits only when [`BATCH`] answers are already waiting.
+    pub async fn answer(&self, answer: Answer) {
+        let _ = self.tx.send(answer).await;
+    }
+
+    /// Records what is still waiting, then ends.
+    pub async fn finish(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+/// Writes a batch of answers in one transaction: acknowledgements first, then results,
+/// each as one statement, with their events. Answers to commands not open (repeats,
+/// late answers) change nothing. Returns the final states reached, with round trips.
+async fn record(
+    db: &PgPool,
+    droplet: DropletId,
+    answers: &[Answer],
+) -> sqlx::Result<Vec<(&'static str, Option<Duration>)>> {
+    let (mut acked, mut acked_at) = (Vec::new(), Vec::new());
+    let mut done = Finished::default();
+    for answer in answers {
+        match answer {
+            Answer::Acked(id, at) => {
+                acked.push(*id);
+                acked_at.push(*at);
+            }
+            Answer::Finished(result, at) => done.push(result, *at),
+        }
+    }
     let mut tx = db.begin().await?;
-    let row: Option<CommandRow> = sqlx::query_as(
-        "UPDATE commands SET state = $3, message = $4, result = $5, finished_at = now(),
-             acked_at = coalesce(acked_at, now())
-         WHERE id = $1 AND droplet_id = $2 AND state IN ('queued', 'sent', 'acked')
-         RETURNING *",
-    )
-    .bind(id)
-    .bind(droplet.as_uuid())
-    .bind(state)
-    .bind(&result.message)
-    .bind(result.container.as_ref().map(|c| c.encode_to_vec()))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else { return tx.commit().await };
-    let message = if result.message.is_empty() { state.to_owned() } else { format!("{state}: {}", result.message) };
-    event(&mut tx, &row, &format!("command.{state}"), &message).await?;
-    notify_done(&mut tx, id).await?;
+    if !acked.is_empty() {
+        let rows: Vec<CommandRow> = sqlx::query_as(
+            "UPDATE commands c SET state = 'acked', acked_at = v.at
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, at)
+             WHERE c.id = v.id AND c.droplet_id = $3 AND c.state IN ('queued', 'sent')
+             RETURNING c.*",
+        )
+        .bind(&acked)
+        .bind(&acked_at)
+        .bind(droplet.as_uuid())
+        .fetch_all(&mut *tx)
+        .await?;
+        let events: Vec<_> =
+            rows.iter().map(|row| (row, "command.acked".to_owned(), "the droplet has it".to_owned())).collect();
+        insert_events(&mut tx, &events).await?;
+    }
+    let mut finished = Vec::new();
+    if !done.ids.is_empty() {
+        let mut rows: Vec<CommandRow> = sqlx::query_as(
+            "UPDATE commands c SET state = v.state, message = v.message, result = v.result, finished_at = v.at,
+                 acked_at = coalesce(c.acked_at, v.at)
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[])
+                 AS v(id, state, message, result, at)
+             WHERE c.id = v.id AND c.droplet_id = $6 AND c.state IN ('queued', 'sent', 'acked')
+             RETURNING c.*",
+        )
+        .bind(&done.ids)
+        .bind(&done.states)
+        .bind(&done.messages)
+        .bind(&done.results)
+        .bind(&done.at)
+        .bind(droplet.as_uuid())
+        .fetch_all(&mut *tx)
+        .await?;
+        rows.sort_by_key(|row| row.seq);
+        let events: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                let message =
+                    if row.message.is_empty() { row.state.clone() } else { format!("{}: {}", row.state, row.message) };
+                (row, format!("command.{}", row.state), message)
+            })
+            .collect();
+        insert_events(&mut tx, &events).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+        sqlx::query("SELECT pg_notify($1, id::text) FROM unnest($2::uuid[]) AS id")
+            .bind(DONE_CHANNEL)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        for row in &rows {
+            let state = final_state(&row.state);
+            let round_trip = row.finished_at.and_then(|at| (at - row.created_at).to_std().ok());
+            finished.push((state, round_trip));
+        }
+    }
     tx.commit().await?;
-    let round_trip = (chrono::Utc::now() - row.created_at).to_std().ok();
-    crate::metrics::get().command_finished(state, round_trip);
+    Ok(finished)
+}
+
+/// Results, as columns for one `unnest`.
+#[derive(Default)]
+struct Finished {
+    ids: Vec<Uuid>,
+    states: Vec<&'static str>,
+    messages: Vec<String>,
+    results: Vec<Option<Vec<u8>>>,
+    at: Vec<DateTime<Utc>>,
+}
+
+impl Finished {
+    fn push(&mut self, result: &proto::CommandResult, at: DateTime<Utc>) {
+        // A malformed id or a second result for the same command in one batch: nothing
+        // to record (the first result is the one that counts).
+        let Ok(id) = Uuid::try_parse(&result.command_id) else { return };
+        if self.ids.contains(&id) {
+            return;
+        }
+        let state = match (result.success, result.expired) {
+            (true, _) => "succeeded",
+            (false, true) => "expired",
+            (false, false) => "failed",
+        };
+        self.ids.push(id);
+        self.states.push(state);
+        self.messages.push(result.message.clone());
+        self.results.push(result.container.as_ref().map(|c| c.encode_to_vec()));
+        self.at.push(at);
+    }
+}
+
+/// The `&'static` name of a final state read back from the database.
+fn final_state(state: &str) -> &'static str {
+    match state {
+        "succeeded" => "succeeded",
+        "expired" => "expired",
+        "cancelled" => "cancelled",
+        _ => "failed",
+    }
+}
+
+/// Events of commands, in the order given, in one statement.
+async fn insert_events(conn: &mut PgConnection, events: &[(&CommandRow, String, String)]) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = events.iter().map(|(row, ..)| row.account.as_str()).collect();
+    let droplets: Vec<Uuid> = events.iter().map(|(row, ..)| row.droplet_id).collect();
+    let deployments: Vec<Option<Uuid>> = events.iter().map(|(row, ..)| row.deployment_id).collect();
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    let messages: Vec<String> =
+        events.iter().map(|(row, _, message)| format!("{} {}: {message}", row.kind, row.id)).collect();
+    sqlx::query(
+        "INSERT INTO events (account, droplet_id, deployment_id, kind, message)
+         SELECT account, droplet_id, deployment_id, kind, message
+         FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[]) WITH ORDINALITY
+             AS e(account, droplet_id, deployment_id, kind, message, n)
+         ORDER BY n",
+    )
+    .bind(&accounts)
+    .bind(&droplets)
+    .bind(&deployments)
+    .bind(&kinds)
+    .bind(&messages)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -367,11 +532,12 @@ async fn pump(
          ORDER BY seq LIMIT $2",
     )
     .bind(droplet.as_uuid())
-    .bind(i64::try_from(WINDOW * 4).unwrap_or(128))
+    .bind(i64::try_from(WINDOW * 2).unwrap_or(64))
     .fetch_all(&state.db)
     .await?;
     sent_here.retain(|id| open.iter().any(|row| row.id == *id));
     let mut in_flight = sent_here.len();
+    let mut ready = Vec::new();
     for row in &open {
         if sent_here.contains(&row.id) {
             continue;
@@ -385,31 +551,42 @@ async fn pump(
             continue;
         }
         let Some(message) = message_for(state, row).await? else { continue };
-        let mut tx = state.db.begin().await?;
-        // Only while this session holds the droplet: after a takeover by a session on
-        // another replica, this one sends nothing more.
-        let updated: Option<CommandRow> = sqlx::query_as(
-            "UPDATE commands SET state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END,
-                 sent_at = now(), attempts = attempts + 1
-             WHERE id = $1 AND state IN ('queued', 'sent', 'acked')
-               AND EXISTS (SELECT 1 FROM droplets WHERE id = $2 AND session_id = $3)
-             RETURNING *",
-        )
-        .bind(row.id)
-        .bind(droplet.as_uuid())
-        .bind(session)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(updated) = updated else { continue };
-        event(&mut tx, &updated, "command.sent", &format!("attempt {}", updated.attempts)).await?;
-        tx.commit().await?;
+        ready.push((row.id, message));
+        in_flight += 1;
+    }
+    if ready.is_empty() {
+        return Ok(true);
+    }
+    // Marked sent in one transaction, and only while this session holds the droplet:
+    // after a takeover by a session on another replica, this one sends nothing more.
+    let ids: Vec<Uuid> = ready.iter().map(|(id, _)| *id).collect();
+    let mut tx = state.db.begin().await?;
+    let mut marked: Vec<CommandRow> = sqlx::query_as(
+        "UPDATE commands SET state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END,
+             sent_at = now(), attempts = attempts + 1
+         WHERE id = ANY($1) AND state IN ('queued', 'sent', 'acked')
+           AND EXISTS (SELECT 1 FROM droplets WHERE id = $2 AND session_id = $3)
+         RETURNING *",
+    )
+    .bind(&ids)
+    .bind(droplet.as_uuid())
+    .bind(session)
+    .fetch_all(&mut *tx)
+    .await?;
+    marked.sort_by_key(|row| row.seq);
+    let events: Vec<_> =
+        marked.iter().map(|row| (row, "command.sent".to_owned(), format!("attempt {}", row.attempts))).collect();
+    insert_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    for row in &marked {
+        let Some(index) = ready.iter().position(|(id, _)| *id == row.id) else { continue };
+        let (_, message) = ready.swap_remove(index);
         let message = ControlMessage { kind: Some(control_message::Kind::Command(message)) };
         if outbound.send(Ok(message)).await.is_err() {
             return Ok(false);
         }
-        tracing::debug!(command_id = %row.id, kind = %row.kind, seq = row.seq, attempt = row.attempts + 1, "command sent");
+        tracing::debug!(command_id = %row.id, kind = %row.kind, seq = row.seq, attempt = row.attempts, "command sent");
         sent_here.insert(row.id);
-        in_flight += 1;
     }
     Ok(true)
 }
@@ -442,26 +619,67 @@ async fn message_for(state: &State, row: &CommandRow) -> sqlx::Result<Option<Com
     Ok(Some(command))
 }
 
-/// Command completions, for `WaitCommand`: one listener per process.
-#[derive(Clone)]
+/// Command completions, for `WaitCommand`: each waiter is woken by its own command only.
+/// (One broadcast to every waiter made a backlog of N waiters cost N wake-ups per
+/// completion: quadratic exactly when the control plane is busiest.)
+#[derive(Clone, Default)]
 pub struct Completions {
-    tx: broadcast::Sender<Uuid>,
-}
-
-impl Default for Completions {
-    fn default() -> Self {
-        Self { tx: broadcast::channel(1024).0 }
-    }
+    waiting: Arc<std::sync::Mutex<HashMap<Uuid, watch::Sender<()>>>>,
 }
 
 impl Completions {
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
-        self.tx.subscribe()
+    /// A waiter for `id`. Create it before reading the command's state, so a completion
+    /// in between is not missed.
+    pub fn wait(&self, id: Uuid) -> Waiter {
+        let rx = self.lock().entry(id).or_insert_with(|| watch::channel(()).0).subscribe();
+        Waiter { id, rx, completions: self.clone() }
+    }
+
+    fn completed(&self, id: Uuid) {
+        if let Some(tx) = self.lock().get(&id) {
+            tx.send_replace(());
+        }
+    }
+
+    /// Notifications may have been missed: every waiter looks again.
+    fn all(&self) {
+        for tx in self.lock().values() {
+            tx.send_replace(());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Woken when its command may have reached a final state.
+pub struct Waiter {
+    id: Uuid,
+    rx: watch::Receiver<()>,
+    completions: Completions,
+}
+
+impl Waiter {
+    /// Returns when the command may have changed: read it again.
+    pub async fn changed(&mut self) {
+        // The sender lives in the map as long as this waiter does.
+        let _ = self.rx.changed().await;
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut waiting = self.completions.lock();
+        // This waiter's receiver is the last one: nobody waits for this command here.
+        if waiting.get(&self.id).is_some_and(|tx| tx.receiver_count() <= 1) {
+            waiting.remove(&self.id);
+        }
     }
 }
 
 /// Listens for queued commands (waking the droplet's session here, if any) and for
-/// completions (waking `WaitCommand` callers).
+/// completions (waking that command's `WaitCommand` callers).
 pub async fn spawn_listener(
     db: PgPool,
     sessions: crate::sessions::Sessions,
@@ -481,13 +699,13 @@ pub async fn spawn_listener(
                             sessions.wake(droplet);
                         }
                     } else if let Ok(id) = Uuid::try_parse(payload) {
-                        let _ = completions.tx.send(id);
+                        completions.completed(id);
                     }
                 }
                 // Every session and every waiter looks again (the nil id: "any command").
                 Heard::Lost => {
                     sessions.wake_all();
-                    let _ = completions.tx.send(Uuid::nil());
+                    completions.all();
                 }
             }
         }

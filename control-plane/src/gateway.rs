@@ -232,8 +232,10 @@ impl Session {
                 )
                 .in_current_span(),
             );
-            self.serve(&mut inbound, &end).await;
+            let recorder = commands::Recorder::start(self.state.clone(), droplet);
+            self.serve(&mut inbound, &end, &recorder).await;
             delivery.abort();
+            recorder.finish().await;
         }
 
         if let Some(pending) = self.state.sessions.remove(droplet, self.session_id) {
@@ -298,14 +300,19 @@ impl Session {
         }
     }
 
-    async fn serve(&self, inbound: &mut Streaming<AgentMessage>, end: &CancellationToken) {
+    async fn serve(
+        &self,
+        inbound: &mut Streaming<AgentMessage>,
+        end: &CancellationToken,
+        recorder: &commands::Recorder,
+    ) {
         loop {
             let message = tokio::select! {
                 () = end.cancelled() => return,
                 message = inbound.message() => message,
             };
             match message {
-                Ok(Some(message)) => self.handle(message).await,
+                Ok(Some(message)) => self.handle(message, recorder).await,
                 Ok(None) => {
                     tracing::info!("the agent closed the session");
                     return;
@@ -318,7 +325,7 @@ impl Session {
         }
     }
 
-    async fn handle(&self, message: AgentMessage) {
+    async fn handle(&self, message: AgentMessage, recorder: &commands::Recorder) {
         let droplet = self.peer.droplet_id;
         match message.kind {
             Some(agent_message::Kind::Heartbeat(heartbeat)) => {
@@ -334,21 +341,14 @@ impl Session {
             }
             Some(agent_message::Kind::RenewCertificate(renew)) => self.renew(&renew.csr_pem).await,
             Some(agent_message::Kind::CommandAck(ack)) => {
-                if let Ok(id) = uuid::Uuid::try_parse(&ack.command_id)
-                    && let Err(error) = commands::acked(&self.state.db, droplet, id).await
-                {
-                    tracing::warn!(%error, "could not record an acknowledgement");
+                if let Ok(id) = uuid::Uuid::try_parse(&ack.command_id) {
+                    recorder.answer(commands::Answer::Acked(id, chrono::Utc::now())).await;
                 }
             }
             Some(agent_message::Kind::CommandResult(result)) => {
                 if let Some(container) = &result.container {
                     deployments::observe(&self.state, droplet, container).await;
                 }
-                if let Err(error) = commands::finished(&self.state.db, droplet, &result).await {
-                    tracing::warn!(%error, "could not record a command's result");
-                }
-                // Room in the window: the next commands may go.
-                self.state.sessions.wake(droplet);
                 if !result.success {
                     tracing::warn!(command_id = %result.command_id, "command failed: {}", result.message);
                     let named = match &result.container {
@@ -364,6 +364,7 @@ impl Session {
                         tracing::warn!(%error, "could not record a command's failure");
                     }
                 }
+                recorder.answer(commands::Answer::Finished(Box::new(result), chrono::Utc::now())).await;
             }
             Some(agent_message::Kind::ContainerEvent(event)) => deployments::event(&self.state, droplet, &event).await,
             Some(agent_message::Kind::RequestReply(reply)) => {
