@@ -26,10 +26,7 @@ use flotilla_control_plane::{
     crypto::MasterKey,
     pki::{Authorities, Ca},
 };
-use sqlx::{
-    ConnectOptions as _, PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::{ConnectOptions as _, PgPool, postgres::PgConnectOptions};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -53,8 +50,8 @@ impl TestDb {
         let name = format!("flotilla_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = admin.connect().await.context("connecting to DATABASE_URL")?;
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
+        // Pooled as the control plane pools its own.
+        let pool = flotilla_control_plane::store::pool_options(16)
             .connect_with(admin.database(&name))
             .await
             .context("connecting to the test database")?;
