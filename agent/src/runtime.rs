@@ -215,6 +215,13 @@ impl Runtime {
         Ok(status_of(&found))
     }
 
+    /// The status of a container already known to be the deployment's newest (no need to
+    /// list the engine's containers again).
+    async fn status_of_container(&self, deployment: Uuid, id: &str) -> Result<ContainerStatus, RuntimeError> {
+        let found = self.inspect_ours(id).await?.ok_or(RuntimeError::NotDeployed(deployment))?;
+        Ok(status_of(&found))
+    }
+
     async fn ensure_network(&self) -> Result<String, RuntimeError> {
         let name = network_name(self.droplet);
         match self.docker.inspect_network(&name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
@@ -383,10 +390,12 @@ impl Runtime {
         let existing = self.managed(Some(deployment)).await?;
         if let Some((id, _, _)) = existing.iter().find(|(_, _, g)| *g == generation) {
             let found = self.inspect_ours(id).await?.ok_or(RuntimeError::NotDeployed(deployment))?;
-            if !found.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
-                self.docker.start_container(id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+            // The generation runs already: a no-op, two reads of the engine.
+            if found.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+                return Ok(status_of(&found));
             }
-            return self.status(deployment).await;
+            self.docker.start_container(id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+            return self.status_of_container(deployment, id).await;
         }
         self.pull(spec, progress).await?;
         let network = self.ensure_network().await?;
@@ -451,20 +460,20 @@ impl Runtime {
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        self.status(deployment).await
+        self.status_of_container(deployment, &id).await
     }
 
     pub async fn stop(&self, deployment: Uuid, grace: std::time::Duration) -> Result<ContainerStatus, RuntimeError> {
         let id = self.newest(deployment).await?;
         self.stop_one(&id, i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)).await?;
-        self.status(deployment).await
+        self.status_of_container(deployment, &id).await
     }
 
     pub async fn restart(&self, deployment: Uuid, grace: std::time::Duration) -> Result<ContainerStatus, RuntimeError> {
         let id = self.newest(deployment).await?;
         let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
         self.docker.restart_container(&id, Some(RestartContainerOptionsBuilder::default().t(t).build())).await?;
-        self.status(deployment).await
+        self.status_of_container(deployment, &id).await
     }
 
     /// Removes every container of the deployment (and its volumes when asked). Removing
