@@ -21,6 +21,7 @@ use helpers::{
     fast_timing, percentile,
 };
 
+/// Droplets the commands are spread over (`FLOTILLA_BENCH_DROPLETS` to change it).
 const DROPLETS: usize = 10;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -32,11 +33,13 @@ async fn main() -> anyhow::Result<()> {
         reconcile_interval: Duration::from_secs(60),
         ..fast_timing()
     };
-    let cp = TestControlPlane::start(&db.pool, timing).await?;
+    // Two calls per command: well above the API's default per-key rate limit.
+    let cp = TestControlPlane::start_limited(&db.pool, timing, 1_000_000).await?;
     let mut agents = Vec::new();
     let mut deployments = Vec::new();
     let mut cleanups = Vec::new();
-    for _ in 0..DROPLETS {
+    let droplets = std::env::var("FLOTILLA_BENCH_DROPLETS").ok().and_then(|n| n.parse().ok()).unwrap_or(DROPLETS);
+    for _ in 0..droplets {
         let droplet = DropletId::new();
         cleanups.push(Cleanup(droplet));
         agents.push(cp.agent(droplet).await?);
@@ -79,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         let all_done = started.elapsed();
         samples.sort();
         println!(
-            "command round trip at {rate}/s offered ({total} commands over {DROPLETS} droplets, offered in {:.1}s, all \
+            "command round trip at {rate}/s offered ({total} commands over {droplets} droplets, offered in {:.1}s, all \
              succeeded after {:.1}s): p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
             offered.as_secs_f64(),
             all_done.as_secs_f64(),
