@@ -5,18 +5,20 @@ mod helpers;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        CommandOptions, CommandRecord, CreateDeploymentRequest, GetCommandRequest, ListCommandsRequest,
+        CommandOptions, CommandRecord, CreateDeploymentRequest, DropletStatus, GetCommandRequest, ListCommandsRequest,
         RestartDeploymentRequest, StartDeploymentRequest, StopDeploymentRequest, WaitCommandRequest,
         command_record::State,
     },
 };
 use helpers::{
     TestControlPlane, TestDb,
-    deploy::{Cleanup, Online, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec},
+    deploy::{Cleanup, WITHIN, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec},
     fast_timing,
+    process::{AgentProcess, Gate},
 };
 use tonic::Code;
 
@@ -142,32 +144,78 @@ async fn the_same_idempotency_key_makes_one_command_even_at_the_same_moment() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_sent_again_after_an_agent_restart_is_answered_from_its_record_not_run_again() -> anyhow::Result<()> {
-    let Online { db, cp, droplet, agent, _cleanup } = Online::start().await?;
+async fn an_agent_killed_between_applying_a_command_and_reporting_it_answers_the_repeat_from_its_record()
+-> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let token = cp.token(None).await?;
+    let droplet: DropletId = token.enrollment_token.unwrap_or_default().droplet_id.parse()?;
+    let _cleanup = Cleanup(droplet);
+    // A real agent process, enrolled with the token, dialling the control plane through a
+    // gate (by the name in the control plane's certificate).
+    let gate = Gate::start(cp.agent_addr).await?;
+    let url = format!("https://localhost:{}", gate.addr.port());
+    let state_dir = helpers::temp_dir("flotilla-agent-process");
+    let mut agent = AgentProcess::start(&url, &cp.enroll_url(), &state_dir, Some(&token.token))?;
+    let log = |agent: &AgentProcess| format!("the agent's log:\n{}", agent.log());
+    cp.await_status(droplet, DropletStatus::Online, WITHIN).await.with_context(|| log(&agent))?;
     let created = create(&cp, droplet, test_server_spec()).await?;
-    assert_eq!(wait(&cp, &created.last_command_id).await?.state(), State::Succeeded);
-    let restart = RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None };
-    let restarted = cp.fleet().await?.restart_deployment(restart).await?.into_inner();
-    let done = wait(&cp, &restarted.last_command_id).await?;
-    assert_eq!((done.state(), done.attempts), (State::Succeeded, 1));
-    let container = deployment(&cp, &created.id).await?.container.unwrap_or_default();
-    let started = docker_inspect(&container.container_id, "{{.State.StartedAt}}")?;
+    let deployed = wait(&cp, &created.last_command_id).await?;
+    anyhow::ensure!(deployed.state() == State::Succeeded, "{deployed:?}\n{}", log(&agent));
+    let container = deployment(&cp, &created.id).await?.container.context("no container")?.container_id;
+    let first_start = docker_inspect(&container, "{{.State.StartedAt}}")?;
 
-    // The control plane never heard the answer (as if the agent died between applying the
-    // restart and reporting it): the command is open again, and the agent restarts.
-    agent.stop().await?;
-    sqlx::query("UPDATE commands SET state = 'sent', finished_at = NULL WHERE id = $1::uuid")
-        .bind(&restarted.last_command_id)
-        .execute(&db.pool)
-        .await?;
-    let agent = cp.agent(droplet).await?;
-    let again = wait(&cp, &restarted.last_command_id).await?;
-    assert_eq!((again.state(), again.attempts), (State::Succeeded, 2), "sent again, answered");
-    assert_eq!(docker_inspect(&container.container_id, "{{.State.StartedAt}}")?, started, "not restarted twice");
-    assert_eq!(docker_ids(droplet)?, std::slice::from_ref(&container.container_id));
-    agent.stop().await?;
+    // From now on what the agent sends (its ack, its result, its heartbeats) never reaches
+    // the control plane, while commands still reach the agent.
+    gate.hold_upstream();
+    let restart = RestartDeploymentRequest { id: created.id.clone(), grace: seconds(1), options: None };
+    let command = cp.fleet().await?.restart_deployment(restart).await?.into_inner().last_command_id;
+    // The record is appended and fsynced before the result is sent: once it holds the
+    // command, the restart is done, and only the report is missing.
+    let record = state_dir.join("commands.log");
+    helpers::wait_for("the agent to apply the restart and record its result", WITHIN, || async {
+        let recorded =
+            std::fs::read(&record).unwrap_or_default().windows(command.len()).any(|w| w == command.as_bytes());
+        Ok(recorded && docker_inspect(&container, "{{.State.StartedAt}}")? != first_start)
+    })
+    .await
+    .with_context(|| log(&agent))?;
+    let restarted = docker_inspect(&container, "{{.State.StartedAt}}")?;
+    let held = cp.fleet().await?.get_command(GetCommandRequest { id: command.clone() }).await?.into_inner();
+    assert_eq!((held.state(), held.attempts), (State::Sent, 1), "neither acked nor answered: {held:?}");
+    assert_eq!(command_events(&db, &command).await?, ["command.queued", "command.sent"]);
+
+    // SIGKILL before it could report; a new process on the same state dir, with no token:
+    // it has its identity, and its record.
+    agent.kill()?;
+    gate.open();
+    let mut agent = AgentProcess::start(&url, &cp.enroll_url(), &state_dir, None)?;
+    let again = wait(&cp, &command).await?;
+    assert_eq!((again.state(), again.attempts), (State::Succeeded, 2), "sent again, answered: {}", log(&agent));
+    assert_eq!(
+        command_events(&db, &command).await?,
+        ["command.queued", "command.sent", "command.sent", "command.acked", "command.succeeded"]
+    );
+    assert_eq!(docker_inspect(&container, "{{.State.StartedAt}}")?, restarted, "not restarted twice");
+    assert_eq!(docker_ids(droplet)?, std::slice::from_ref(&container), "the same single container");
+    let answered = agent
+        .log()
+        .lines()
+        .any(|line| line.contains("a repeated command, answered from the record") && line.contains(&command));
+    assert!(answered, "the repeat was not answered from the record; {}", log(&agent));
+    agent.kill()?;
     cp.stop().await?;
     Ok(())
+}
+
+/// The lifecycle events of command `id`, oldest first.
+async fn command_events(db: &TestDb, id: &str) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT kind FROM events WHERE kind LIKE 'command.%' AND strpos(message, $1) > 0 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

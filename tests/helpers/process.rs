@@ -1,16 +1,26 @@
-//! Control planes as real processes (the `flotilla-control-plane` binary), so a test can
-//! kill one with SIGKILL, and a TCP balancer in front of them, as agents would have in
-//! production.
+//! Control planes and agents as real processes (the `flotilla-control-plane` and
+//! `flotilla-agent` binaries), so a test can kill one with SIGKILL; a TCP balancer in front
+//! of control planes, as agents would have in production; and a gate that can stop what an
+//! agent sends from reaching its control plane.
 
 use std::{
+    io::Write as _,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+};
 
 use super::{TestDb, temp_dir};
 
@@ -18,12 +28,12 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The control-plane binary beside the test binary: `cargo build --bins` builds it
+/// The binary `name` beside the test binary: `cargo build --bins` builds it
 /// (scripts/test.sh does, before the tests).
-fn binary() -> anyhow::Result<PathBuf> {
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(|deps| deps.parent()).context("the test binary's directory")?;
-    let binary = dir.join("flotilla-control-plane");
+    let binary = dir.join(name);
     anyhow::ensure!(
         binary.is_file(),
         "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
@@ -82,7 +92,7 @@ impl ControlPlaneProcess {
         self.kill()?;
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("control-plane.log"))?;
-        let child = Command::new(binary()?)
+        let child = Command::new(binary("flotilla-control-plane")?)
             .arg("serve")
             .args(["--agent-listen", &self.agent_addr.to_string()])
             .args(["--enroll-listen", &self.enroll_addr.to_string()])
@@ -181,5 +191,144 @@ impl Balancer {
             }
         });
         Ok(Self { addr, task })
+    }
+}
+
+/// A `flotilla-agent` process keeping its identity and its record of applied commands in
+/// `state_dir`, as on a droplet. Its log is `agent.log` in the state dir, kept across
+/// starts.
+pub struct AgentProcess {
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+impl AgentProcess {
+    /// Starts the agent dialling `control_plane` (a URL) with this machine's Docker engine
+    /// and short reconnect back-offs. With `token` it enrolls at `enroll_url` when the state
+    /// dir holds no identity, trusting the CA pin the token carries.
+    pub fn start(control_plane: &str, enroll_url: &str, state_dir: &Path, token: Option<&str>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)?;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.join("agent.log"))?;
+        writeln!(log, "---- flotilla-agent starts{} ----", if token.is_some() { ", with a token" } else { "" })?;
+        let mut command = Command::new(binary("flotilla-agent")?);
+        command
+            .args(["--control-plane", control_plane, "--enroll-url", enroll_url])
+            .args(["--state-dir", &state_dir.display().to_string()])
+            .args(["--docker-socket", "/var/run/docker.sock"])
+            .args(["--initial-backoff", "100ms", "--max-backoff", "1s"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("FLOTILLA_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(token) = token {
+            command.args(["--token", token]);
+        }
+        let child = command.spawn().context("starting flotilla-agent")?;
+        Ok(Self { state_dir: state_dir.to_owned(), child: Some(child) })
+    }
+
+    /// SIGKILL: no goodbye, nothing flushed or reported, as when a droplet loses power.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Everything the agent logged, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// A TCP proxy on loopback in front of `upstream` that can hold what its clients send:
+/// once held, a connection keeps reading from its client but forwards nothing more
+/// upstream (the bytes are dropped), while what the upstream sends still reaches the
+/// client. So an agent behind it receives commands and applies them, and its
+/// acknowledgements, results and heartbeats never arrive.
+pub struct Gate {
+    pub addr: SocketAddr,
+    hold: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its `JoinSet`, which aborts every connection.
+        self.task.abort();
+    }
+}
+
+impl Gate {
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = hold.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
+                connections.spawn(relay(client, upstream, held.clone()));
+            }
+        });
+        Ok(Self { addr, hold, task })
+    }
+
+    /// From now on, what clients send goes nowhere, on open connections and new ones. A
+    /// connection held once stays held until one side closes it.
+    pub fn hold_upstream(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// New connections are forwarded both ways again.
+    pub fn open(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One connection through a [`Gate`]. When either side closes, both are closed: what was
+/// held is dropped with the connection, never delivered late.
+async fn relay(client: TcpStream, upstream: SocketAddr, hold: Arc<AtomicBool>) {
+    let Ok(server) = TcpStream::connect(upstream).await else { return };
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut held = false;
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            held |= hold.load(Ordering::SeqCst);
+            if !held && to_server.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
 }
