@@ -42,6 +42,26 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
+/// A child process, SIGKILLed when dropped.
+struct Running(Option<Child>);
+
+impl Running {
+    /// SIGKILL, then reaps it.
+    fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.0.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
 pub struct ControlPlaneProcess {
     pub agent_addr: SocketAddr,
     pub enroll_addr: SocketAddr,
@@ -51,13 +71,7 @@ pub struct ControlPlaneProcess {
     master_key: String,
     /// An admin key of the `default` account.
     pub admin_key: String,
-    child: Option<Child>,
-}
-
-impl Drop for ControlPlaneProcess {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
+    child: Running,
 }
 
 impl ControlPlaneProcess {
@@ -74,7 +88,7 @@ impl ControlPlaneProcess {
             database_url: format!("{server}/{}", db.name),
             master_key: master_key.to_owned(),
             admin_key: super::api_key(&db.pool, "default", flotilla_control_plane::auth::Scope::Admin).await?,
-            child: None,
+            child: Running(None),
         };
         process.restart().await?;
         Ok(process)
@@ -107,14 +121,14 @@ impl ControlPlaneProcess {
             .stderr(log)
             .spawn()
             .context("starting flotilla-control-plane")?;
-        self.child = Some(child);
+        self.child = Running(Some(child));
         Ok(())
     }
 
     async fn ready(&mut self) -> anyhow::Result<()> {
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
         while self.fleet().await.is_err() {
-            if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
+            if let Some(status) = self.child.0.as_mut().map(Child::try_wait).transpose()?.flatten() {
                 anyhow::bail!("the control-plane process exited ({status}):\n{}", self.log());
             }
             anyhow::ensure!(
@@ -133,11 +147,7 @@ impl ControlPlaneProcess {
 
     /// SIGKILL: no goodbye, no clean-up, as when a machine dies.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        self.child.kill()
     }
 
     pub fn log(&self) -> String {
@@ -199,13 +209,7 @@ impl Balancer {
 /// starts.
 pub struct AgentProcess {
     pub state_dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
+    child: Running,
 }
 
 impl AgentProcess {
@@ -231,16 +235,12 @@ impl AgentProcess {
             command.args(["--token", token]);
         }
         let child = command.spawn().context("starting flotilla-agent")?;
-        Ok(Self { state_dir: state_dir.to_owned(), child: Some(child) })
+        Ok(Self { state_dir: state_dir.to_owned(), child: Running(Some(child)) })
     }
 
     /// SIGKILL: no goodbye, nothing flushed or reported, as when a droplet loses power.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        self.child.kill()
     }
 
     /// Everything the agent logged, over all its starts.
