@@ -443,6 +443,13 @@ pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus
         }
     }
     let status = &status;
+    // The MCP server first: whoever sees the container healthy (the probe that found the
+    // server) finds its tools too.
+    if let Some(server) = &status.mcp_server
+        && let Err(error) = store::record_mcp_server(&state.db, droplet.as_uuid(), deployment, server).await
+    {
+        tracing::warn!(%error, "could not record an MCP server's tools");
+    }
     let recorded = store::record_container(
         &state.db,
         droplet.as_uuid(),
@@ -452,11 +459,6 @@ pub async fn observe(state: &State, droplet: DropletId, status: &ContainerStatus
         &status.encode_to_vec(),
     )
     .await;
-    if let Some(server) = &status.mcp_server
-        && let Err(error) = store::record_mcp_server(&state.db, droplet.as_uuid(), deployment, server).await
-    {
-        tracing::warn!(%error, "could not record an MCP server's tools");
-    }
     match recorded {
         Ok(true) => {}
         Ok(false) => tracing::debug!(%deployment, "report about an unknown deployment ignored"),
