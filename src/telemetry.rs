@@ -22,3 +22,19 @@ pub fn init_for_tests() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::registry().with(filter).with(fmt::layer().with_test_writer()).try_init();
 }
+
+/// An error and all its causes in one line, each cause once: transport errors (tonic,
+/// reqwest) say little at the top and put the reason (TLS, DNS, refused) in a source.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -147,7 +147,7 @@ async fn connect(url: &str, trust: &Trust) -> Result<tonic::transport::Channel, 
             }
         }))
         .await
-        .map_err(|e| EnrollError::Unreachable(crate::link::chain(&e)))
+        .map_err(|e| EnrollError::Unreachable(flotilla::telemetry::error_chain(&e)))
 }
 
 /// Accepts a server chain only if it verifies up to a CA whose SHA-256 is the pin.

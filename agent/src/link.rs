@@ -1,7 +1,7 @@
 //! The agent's link to the control plane: dial out, hold one session, heartbeat at the
 //! pace the control plane sets, and reconnect forever with capped, jittered back-off.
 
-use std::{error::Error as StdError, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use flotilla::{
@@ -11,6 +11,7 @@ use flotilla::{
         agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
     },
     protocol,
+    telemetry::error_chain,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
@@ -246,21 +247,6 @@ fn endpoint(config: &AgentConfig, credentials: &Credentials) -> anyhow::Result<E
         .keep_alive_while_idle(true))
 }
 
-/// The full cause of an error, for logs (tonic's transport errors hide the TLS reason).
-pub fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 struct Agent {
     /// Commands applied, with their results: each is applied once across sessions.
     ledger: Ledger,
@@ -361,7 +347,7 @@ impl Agent {
         let channel: Channel = match endpoint.connect().await {
             Ok(channel) => channel,
             Err(error) => {
-                return Ended::Failed(anyhow::anyhow!("dialling {}: {}", endpoint.uri(), chain(&error)));
+                return Ended::Failed(anyhow::anyhow!("dialling {}: {}", endpoint.uri(), error_chain(&error)));
             }
         };
         let (tx, rx) = mpsc::channel(64);
@@ -373,7 +359,7 @@ impl Agent {
         let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                return Ended::Failed(anyhow::anyhow!("opening the session: {}", chain(&status)));
+                return Ended::Failed(anyhow::anyhow!("opening the session: {}", error_chain(&status)));
             }
         };
 
@@ -390,7 +376,7 @@ impl Agent {
                 return Ended::Failed(anyhow::anyhow!("the control plane closed the session before Welcome"));
             }
             Ok(Err(status)) => {
-                return Ended::Failed(anyhow::anyhow!("the session was refused: {}", chain(&status)));
+                return Ended::Failed(anyhow::anyhow!("the session was refused: {}", error_chain(&status)));
             }
             Err(_) => {
                 return Ended::Failed(anyhow::anyhow!("no Welcome within {WELCOME_TIMEOUT:?}"));
@@ -453,7 +439,7 @@ impl Agent {
                     }
                     Ok(Some(ControlMessage { kind: None })) => {}
                     Ok(None) => return Ended::Failed(anyhow::anyhow!("the control plane ended the session")),
-                    Err(status) => return Ended::Failed(anyhow::anyhow!("the session broke: {}", chain(&status))),
+                    Err(status) => return Ended::Failed(anyhow::anyhow!("the session broke: {}", error_chain(&status))),
                 },
             }
         }

@@ -438,19 +438,8 @@ fn transport_failure(e: &reqwest::Error, timeout: Duration, path: &str) -> Failu
     // A connection that never opened carried no request: safe to send again, even a create.
     let ambiguous = !e.is_connect();
     // The URL in the message carries no secret: the token travels in a header.
-    let message = format!("DigitalOcean request {path}: {}", error_chain(e));
+    let message = format!("DigitalOcean request {path}: {}", flotilla::telemetry::error_chain(e));
     Failure { error: ProviderError::Unavailable { message }, ambiguous }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `retry-after` (seconds) when given, else `ratelimit-reset` (Unix seconds) from now.

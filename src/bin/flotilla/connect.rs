@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flotilla::proto::fleet_client::FleetClient;
+use flotilla::{proto::fleet_client::FleetClient, telemetry::error_chain};
 use tonic::{
     metadata::AsciiMetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
@@ -49,12 +49,12 @@ pub async fn fleet(connection: &Connection) -> anyhow::Result<Fleet> {
         Some("http") => {}
         Some("https") => {
             let tls = tls(connection)?;
-            endpoint = endpoint.tls_config(tls).map_err(|e| Failure::usage(format!("TLS: {}", chain(&e))))?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| Failure::usage(format!("TLS: {}", error_chain(&e))))?;
         }
         _ => return Err(Failure::usage(format!("{url:?}: the URL must start with https:// or http://"))),
     }
     let channel = endpoint.connect().await.map_err(|error| {
-        Failure::of(Exit::Unavailable, format!("cannot reach the control plane at {url}: {}", chain(&error)))
+        Failure::of(Exit::Unavailable, format!("cannot reach the control plane at {url}: {}", error_chain(&error)))
     })?;
     Ok(FleetClient::with_interceptor(channel, Bearer(bearer)))
 }
@@ -85,19 +85,4 @@ where
         }
         token = next;
     }
-}
-
-/// An error and its sources in one line: tonic's transport errors say little at the top.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
