@@ -174,15 +174,7 @@ pub async fn issue(
 }
 
 async fn event(conn: &mut PgConnection, row: &CommandRow, kind: &str, message: &str) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO events (account, droplet_id, deployment_id, kind, message) VALUES ($1, $2, $3, $4, $5)")
-        .bind(&row.account)
-        .bind(row.droplet_id)
-        .bind(row.deployment_id)
-        .bind(kind)
-        .bind(format!("{} {}: {message}", row.kind, row.id))
-        .execute(conn)
-        .await?;
-    Ok(())
+    insert_events(conn, &[(row, kind.to_owned(), message.to_owned())]).await
 }
 
 async fn notify_done(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
@@ -256,11 +248,13 @@ impl Recorder {
             async move {
                 let mut batch = Vec::with_capacity(BATCH);
                 while rx.recv_many(&mut batch, BATCH).await > 0 {
+                    // Only a final answer makes room in the window; an ack does not.
+                    let room = batch.iter().any(|answer| matches!(answer, Answer::Finished(..)));
                     match record(&state.db, droplet, &batch).await {
                         Ok(finished) => {
                             let metrics = crate::metrics::get();
                             for (state, round_trip) in finished {
-                                metrics.command_finished(state, round_trip);
+                                metrics.command_finished(&state, round_trip);
                             }
                         }
                         // The commands stay open: they are sent again on the next session,
@@ -268,8 +262,10 @@ impl Recorder {
                         Err(error) => tracing::warn!(%error, answers = batch.len(), "could not record answers"),
                     }
                     batch.clear();
-                    // Room in the window: the next commands may go.
-                    state.sessions.wake(droplet);
+                    if room {
+                        // The next commands may go.
+                        state.sessions.wake(droplet);
+                    }
                 }
             }
             .in_current_span(),
@@ -292,11 +288,7 @@ impl Recorder {
 /// Writes a batch of answers in one transaction: acknowledgements first, then results,
 /// each as one statement, with their events. Answers to commands not open (repeats,
 /// late answers) change nothing. Returns the final states reached, with round trips.
-async fn record(
-    db: &PgPool,
-    droplet: DropletId,
-    answers: &[Answer],
-) -> sqlx::Result<Vec<(&'static str, Option<Duration>)>> {
+async fn record(db: &PgPool, droplet: DropletId, answers: &[Answer]) -> sqlx::Result<Vec<(String, Option<Duration>)>> {
     let (mut acked, mut acked_at) = (Vec::new(), Vec::new());
     let mut done = Finished::default();
     for answer in answers {
@@ -360,9 +352,8 @@ async fn record(
             .execute(&mut *tx)
             .await?;
         for row in &rows {
-            let state = final_state(&row.state);
             let round_trip = row.finished_at.and_then(|at| (at - row.created_at).to_std().ok());
-            finished.push((state, round_trip));
+            finished.push((row.state.clone(), round_trip));
         }
     }
     tx.commit().await?;
@@ -397,16 +388,6 @@ impl Finished {
         self.messages.push(result.message.clone());
         self.results.push(result.container.as_ref().map(|c| c.encode_to_vec()));
         self.at.push(at);
-    }
-}
-
-/// The `&'static` name of a final state read back from the database.
-fn final_state(state: &str) -> &'static str {
-    match state {
-        "succeeded" => "succeeded",
-        "expired" => "expired",
-        "cancelled" => "cancelled",
-        _ => "failed",
     }
 }
 
