@@ -27,7 +27,7 @@ const DROPLETS: usize = 10;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let timing = flotilla_control_plane::config::Timing {
+    let timing = flotilla_control_plane::timing::Timing {
         heartbeat_interval: Duration::from_secs(5),
         flush_interval: Duration::from_secs(5),
         reconcile_interval: Duration::from_secs(60),

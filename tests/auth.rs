@@ -9,7 +9,7 @@ use flotilla::proto::{
     ListDeploymentsRequest, ListDropletsRequest, ListEnrollmentTokensRequest, RevokeApiKeyRequest,
     UpdateDropletLabelsRequest, fleet_client::FleetClient,
 };
-use flotilla_control_plane::auth::{self, Scope};
+use flotilla_control_plane::api::auth::{self, Scope};
 use helpers::{TestControlPlane, TestDb, fast_timing};
 use tonic::{Code, Request};
 

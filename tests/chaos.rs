@@ -65,7 +65,7 @@ async fn a_thousand_commands_through_replica_crashes_each_end_and_none_runs_twic
     let db = TestDb::new().await?;
     let bytes: [u8; 32] = rand::random();
     let key_hex = hex::encode(bytes);
-    let key = flotilla_control_plane::crypto::MasterKey::from_bytes(&bytes)?;
+    let key = flotilla_control_plane::identity::master_key::MasterKey::from_bytes(&bytes)?;
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(ControlPlaneProcess::start(&db, &key_hex).await?);

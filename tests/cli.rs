@@ -193,7 +193,7 @@ async fn api_errors_have_distinct_exit_codes() -> anyhow::Result<()> {
     assert_eq!(unknown_key.code, 3, "{unknown_key:?}");
     assert!(unknown_key.stderr.contains("unauthenticated"), "{}", unknown_key.stderr);
 
-    let read = helpers::api_key(&db.pool, "default", flotilla_control_plane::auth::Scope::Read).await?;
+    let read = helpers::api_key(&db.pool, "default", flotilla_control_plane::api::auth::Scope::Read).await?;
     let read_only = Cli::with_key(&cp, &read).run(&["droplets", "create"]).await?;
     assert_eq!(read_only.code, 3, "{read_only:?}");
 

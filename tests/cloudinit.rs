@@ -7,7 +7,7 @@ use std::{
     process::{Command, Output},
 };
 
-use flotilla_control_plane::cloudinit::{DockerInstall, UserDataOptions, render};
+use flotilla_control_plane::fleet::provisioning::cloudinit::{DockerInstall, UserDataOptions, render};
 use serde_json::Value;
 
 const PIN: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";

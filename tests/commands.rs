@@ -236,7 +236,7 @@ async fn waiting_on_a_command_returns_at_its_timeout_when_it_is_not_done() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_commands_and_events_past_the_retention_are_pruned_and_open_ones_kept() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let timing = flotilla_control_plane::config::Timing {
+    let timing = flotilla_control_plane::timing::Timing {
         retention: Duration::from_secs(3600),
         prune_interval: Duration::from_millis(200),
         ..fast_timing()

@@ -12,9 +12,9 @@ use std::{
 
 use digitalocean::{Fault, Route, StandIn};
 use flotilla::DropletId;
-use flotilla_control_plane::provider::{
-    Backoff, CloudId, CreateSpec, Provider, ProviderError,
-    digitalocean::{ApiToken, DigitalOcean, DigitalOceanConfig},
+use flotilla_control_plane::{
+    fleet::provisioning::digitalocean::{ApiToken, DigitalOcean, DigitalOceanConfig},
+    fleet::provisioning::provider::{Backoff, CloudId, CreateSpec, Provider, ProviderError},
 };
 use serde_json::Value;
 

@@ -7,7 +7,7 @@ mod helpers;
 use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::Context as _;
-use flotilla_control_plane::auth::Scope;
+use flotilla_control_plane::api::auth::Scope;
 use helpers::deploy::{IMAGE, Online};
 use serde_json::{Value, json};
 

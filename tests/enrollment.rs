@@ -149,7 +149,7 @@ async fn an_agent_pinned_to_another_ca_sends_nothing() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
     let created = cp.token(None).await?;
-    let other = flotilla_control_plane::pki::Ca::generate("another fleet")?;
+    let other = flotilla_control_plane::identity::pki::Ca::generate("another fleet")?;
 
     let outcome =
         enroll::enroll(&cp.enroll_url(), &created.token, &Trust::Pin(other.sha256_pin()), HostFacts::default()).await;
@@ -243,7 +243,9 @@ async fn without_a_valid_certificate_or_a_token_the_agent_says_what_to_do() -> a
     // an unknown id, as for another account's.
     let ca = &authorities.active;
     let spent =
-        flotilla_control_plane::enrollment::create(&db.pool, ca, "default", Some(droplet), "", WITHIN).await?.token;
+        flotilla_control_plane::identity::enrollment::create(&db.pool, ca, "default", Some(droplet), "", WITHIN)
+            .await?
+            .token;
     enroll_with(&cp, &spent).await?;
     let error = cp.enrolling_agent(&dir, Some(&spent)).ended(WITHIN).await?.expect_err("spent token");
     assert!(format!("{error:#}").contains("already used"), "{error:#}");

@@ -6,7 +6,7 @@ mod helpers;
 use std::{collections::HashSet, time::Duration};
 
 use flotilla::proto::{Event, WatchEventsRequest};
-use flotilla_control_plane::auth::Scope;
+use flotilla_control_plane::api::auth::Scope;
 use futures::StreamExt as _;
 use helpers::{TestControlPlane, TestDb, fast_timing};
 use uuid::Uuid;

@@ -13,7 +13,7 @@ const AGENTS: usize = 200;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_from_200_agents_are_written_in_batches() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let timing = flotilla_control_plane::config::Timing {
+    let timing = flotilla_control_plane::timing::Timing {
         heartbeat_interval: Duration::from_millis(200),
         flush_interval: Duration::from_secs(1),
         missed_heartbeats: 10,

@@ -5,7 +5,7 @@ mod helpers;
 
 use std::time::Duration;
 
-use flotilla_control_plane::auth::Scope;
+use flotilla_control_plane::api::auth::Scope;
 use helpers::{
     TestControlPlane, TestDb, api_key,
     deploy::{IMAGE, Online},
@@ -157,7 +157,7 @@ async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> an
     assert!(unknown_field.1["message"].as_str().unwrap_or_default().contains("colour"), "{}", unknown_field.1);
     let wrong_type = admin.post("/v1/enrollment-tokens", json!({"ttl": 5})).await?;
     assert_error(&wrong_type, 400, "INVALID_ARGUMENT", "request:");
-    let huge = "x".repeat(flotilla_control_plane::http::MAX_BODY + 1);
+    let huge = "x".repeat(flotilla_control_plane::api::http::MAX_BODY + 1);
     let too_large = admin.post("/v1/enrollment-tokens", json!({ "name": huge })).await?;
     assert_error(&too_large, 413, "INVALID_ARGUMENT", "body: larger than");
     let form = admin

@@ -5,7 +5,7 @@ mod helpers;
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use flotilla::proto::{CreateEnrollmentTokenRequest, ListDropletsRequest, fleet_client::FleetClient};
-use flotilla_control_plane::{auth::Scope, jwt::JwtConfig};
+use flotilla_control_plane::{api::auth::Scope, api::auth::jwt::JwtConfig};
 use helpers::{TestControlPlane, TestDb, fast_timing};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flotilla_control_plane::auth::Scope;
+use flotilla_control_plane::api::auth::Scope;
 use helpers::{TestControlPlane, TestDb, fast_timing};
 use serde_json::{Value, json};
 
@@ -164,7 +164,7 @@ async fn openapi_document_is_valid_and_the_live_api_keeps_to_it() -> anyhow::Res
 
     let droplet = seed(&client, &base, &cp.admin_key).await?;
     let key = helpers::api_key(&db.pool, "default", Scope::Admin).await?;
-    let spare = flotilla_control_plane::auth::create(&db.pool, "default", Scope::Read, "spare", None).await?.id;
+    let spare = flotilla_control_plane::api::auth::create(&db.pool, "default", Scope::Read, "spare", None).await?.id;
     std::fs::write(dir.join("schemathesis.toml"), config(&droplet, &spare.to_string()))?;
     let report = schemathesis(&base, &key, &ca_file, &dir).await?;
     assert!(report.status.success(), "schemathesis found problems:\n{}", describe(&report));

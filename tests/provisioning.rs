@@ -14,8 +14,8 @@ use flotilla::{
     },
 };
 use flotilla_control_plane::{
-    provider::local::{Local, LocalConfig},
-    provisioning::Providers,
+    fleet::provisioning::Providers,
+    fleet::provisioning::local::{Local, LocalConfig},
 };
 use helpers::{ApiOptions, TestControlPlane, TestDb, deploy, fast_timing, wait_for};
 

@@ -10,7 +10,7 @@ use flotilla::{
     DropletId,
     proto::{ProtocolVersion, control_message, goodbye::Reason},
 };
-use flotilla_control_plane::pki::Ca;
+use flotilla_control_plane::identity::pki::Ca;
 use helpers::{TestControlPlane, TestDb, fast_timing, hello};
 use rustls::AlertDescription;
 use time::OffsetDateTime;

@@ -178,7 +178,7 @@ async fn the_replica_holding_the_session_killed_mid_command_another_replica_fini
 
     let db = TestDb::new().await?;
     let bytes: [u8; 32] = rand::random();
-    let key = flotilla_control_plane::crypto::MasterKey::from_bytes(&bytes)?;
+    let key = flotilla_control_plane::identity::master_key::MasterKey::from_bytes(&bytes)?;
     let mut a = ControlPlaneProcess::start(&db, &hex::encode(bytes)).await?;
     let b = ControlPlaneProcess::start(&db, &hex::encode(bytes)).await?;
     // Agents dial the balancer; it prefers A while A is up.

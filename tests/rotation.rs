@@ -6,7 +6,7 @@ mod helpers;
 use std::time::Duration;
 
 use flotilla::{DropletId, proto::DropletStatus};
-use flotilla_control_plane::pki::Authorities;
+use flotilla_control_plane::identity::pki::Authorities;
 use helpers::{TestControlPlane, TestDb, droplet_of, fast_timing, new_master_key, temp_dir, wait_for};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -21,7 +21,7 @@ async fn certificates_of(db: &TestDb, droplet: DropletId) -> anyhow::Result<Vec<
 fn stored_serial(dir: &std::path::Path) -> anyhow::Result<String> {
     let pem = std::fs::read_to_string(dir.join("identity.pem"))?;
     let der = rustls_pemfile::certs(&mut pem.as_bytes()).next().ok_or_else(|| anyhow::anyhow!("no cert"))??;
-    flotilla_control_plane::pki::serial_of(&der).ok_or_else(|| anyhow::anyhow!("no serial"))
+    flotilla_control_plane::identity::pki::serial_of(&der).ok_or_else(|| anyhow::anyhow!("no serial"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

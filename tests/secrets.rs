@@ -11,7 +11,7 @@ use std::{
 };
 
 use flotilla::{DropletId, proto::DropletStatus};
-use flotilla_control_plane::crypto::MasterKey;
+use flotilla_control_plane::identity::master_key::MasterKey;
 use helpers::{TestControlPlane, TestDb, fast_timing, temp_dir, wait_for};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
 

@@ -1,38 +1,30 @@
 //! The Flotilla control plane: sessions with agents over mutual TLS, droplet state in
 //! PostgreSQL, and the fleet API.
 //!
-//! `serve` is the whole server; `main.rs` only parses flags, binds and waits for a signal.
+//! One house with floors, each depending only on the floors below it:
+//!
+//! - [`api`]: the Fleet API over gRPC and HTTP/JSON, authentication, OpenAPI;
+//! - [`session`]: one task per connected agent, the registry of sessions, live requests,
+//!   liveness, replicas, and command delivery down a stream;
+//! - [`fleet`]: the domain: droplets, deployments, the command ledger, desired state,
+//!   provisioning, events;
+//! - [`identity`]: the fleet CA, the master key, enrollment, revocation, TLS;
+//! - [`store`]: every SQL statement, `LISTEN/NOTIFY`, retention.
+//!
+//! [`timing`], [`labels`] and [`metrics`] are leaves every floor may use. Only [`server`]
+//! (wiring and shutdown order) and [`admin`] name every floor. `scripts/layers.sh` checks
+//! these rules.
 
+pub mod admin;
 pub mod api;
-pub mod auth;
-pub mod cloudinit;
-pub mod commands;
-pub mod config;
-pub mod crypto;
-pub mod deployments;
-pub mod enrollment;
-pub mod events;
-pub mod gateway;
-pub mod http;
-pub mod jwt;
+pub mod cli;
+pub mod fleet;
+pub mod identity;
 pub mod labels;
-pub mod live;
-pub mod liveness;
 pub mod metrics;
-pub mod notify;
-pub mod openapi;
-pub mod pki;
-pub mod provider;
-pub mod provisioning;
-pub mod reconcile;
-pub mod replicas;
-pub mod requests;
-pub mod retention;
-pub mod revocation;
 pub mod server;
-pub mod sessions;
-pub mod state;
+pub mod session;
 pub mod store;
-pub mod tls;
+pub mod timing;
 
 pub use server::{Listeners, ServeConfig, serve};

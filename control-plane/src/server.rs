@@ -15,21 +15,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{
-    api::FleetApi,
-    auth::ApiKeys,
-    commands::{self, Completions},
-    config::Timing,
-    crypto::MasterKey,
-    events,
-    gateway::Gateway,
-    http::Http,
-    liveness,
-    pki::{self, Authorities},
-    reconcile, replicas, retention,
-    revocation::{self, Revocations},
-    sessions::Sessions,
-    state::State,
-    store, tls,
+    api::{Api, auth::ApiKeys, grpc::FleetApi, http::Http},
+    fleet::{Fleet, commands::Completions, events, provisioning, reconcile},
+    identity::{
+        master_key::MasterKey,
+        pki::{self, Authorities},
+        revocation::{self, Revocations},
+        tls,
+    },
+    session::{Agents, accept, agent_service::Gateway, delivery, liveness, registry::Sessions, replicas},
+    store::{self, retention},
+    timing::Timing,
 };
 
 /// Server certificates are re-issued from the CA at every start.
@@ -53,11 +49,11 @@ pub struct ServeConfig {
     /// TLS on the API port.
     pub api_tls: tls::ApiTls,
     /// Accept Supabase user tokens too.
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<crate::api::auth::jwt::JwtConfig>,
     /// The agent image new droplets run.
     pub agent_image: String,
     /// Providers besides `byo`, and how long their droplets have to connect.
-    pub providers: crate::provisioning::Providers,
+    pub providers: crate::fleet::provisioning::Providers,
     pub provision_timeout: Duration,
 }
 
@@ -120,78 +116,95 @@ pub async fn serve(
     // New droplets reach us at the first public name (loopback for local use) on the
     // ports we listen on.
     let host = config.public_names.first().cloned().unwrap_or_else(|| "localhost".to_owned());
-    let endpoints = crate::state::Endpoints {
+    let endpoints = provisioning::Endpoints {
         agent: format!("{host}:{}", listeners.agent.local_addr()?.port()),
         enroll: format!("{host}:{}", listeners.enroll.local_addr()?.port()),
         agent_image: config.agent_image.clone(),
     };
-    let db_for_keys = db.clone();
-    let jwt = config.jwt.clone().map(crate::jwt::Verifier::new).transpose().context("accepting JWTs")?;
+    let jwt = config.jwt.clone().map(crate::api::auth::jwt::Verifier::new).transpose().context("accepting JWTs")?;
     let forward_tls = forward_tls(&config.api_tls, &authorities.bundle);
-    let state = State {
-        db,
+    let authorities = Arc::new(authorities);
+    let fleet = Fleet {
+        db: db.clone(),
+        master_key: config.master_key.clone(),
+        authorities: authorities.clone(),
+        completions: Completions::default(),
+        bell: events::Bell::default(),
+        endpoints: Arc::new(endpoints),
+        providers: Arc::new(config.providers.clone()),
+        provision_timeout: config.provision_timeout,
+        replica,
+    };
+    let agents = Agents {
+        fleet: fleet.clone(),
         sessions: Sessions::default(),
         timing: config.timing,
-        authorities: Arc::new(authorities),
-        revocations,
-        cert_validity: config.cert_validity,
-        master_key: config.master_key.clone(),
-        completions: Completions::default(),
         replica,
-        keys: ApiKeys::new(db_for_keys, config.api_rate_limit, jwt),
-        bell: events::Bell::default(),
+        authorities: authorities.clone(),
+        revocations: revocations.clone(),
+        cert_validity: config.cert_validity,
         forward_tls,
-        endpoints,
-        providers: config.providers.clone(),
-        provision_timeout: config.provision_timeout,
+    };
+    let api = Api {
+        fleet: fleet.clone(),
+        agents: agents.clone(),
+        keys: ApiKeys::new(db.clone(), config.api_rate_limit, jwt),
         stopping: CancellationToken::new(),
     };
+    let sessions = agents.sessions.clone();
+    let timing = config.timing;
 
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
     let stop_servers = CancellationToken::new();
     let mut background = JoinSet::new();
-    liveness::spawn(&state, &stop_background, &mut background);
-    reconcile::spawn(&state, state.timing.reconcile_interval, &stop_background, &mut background);
-    retention::spawn(
-        state.db.clone(),
-        state.timing.retention,
-        state.timing.prune_interval,
+    liveness::spawn(&agents, &stop_background, &mut background);
+    let connected = sessions.clone();
+    reconcile::spawn(
+        &fleet,
+        move || connected.droplets(),
+        timing.reconcile_interval,
         &stop_background,
         &mut background,
     );
+    retention::spawn(db.clone(), timing.retention, timing.prune_interval, &stop_background, &mut background);
+    // A revocation closes the session of the certificate it revokes, wherever it is.
+    let revoked_sessions = sessions.clone();
+    let close_revoked = move |droplet, serial: &str| {
+        revoked_sessions.close_if_serial(droplet, serial, Reason::Revoked, "this droplet's certificate was revoked")
+    };
     revocation::spawn_listener(
-        state.db.clone(),
-        state.revocations.clone(),
-        state.sessions.clone(),
+        db.clone(),
+        revocations.clone(),
+        close_revoked,
         stop_background.clone(),
         &mut background,
     )
     .await
     .context("listening for revocations")?;
     replicas::spawn(
-        state.db.clone(),
+        db.clone(),
         replica,
-        state.sessions.clone(),
-        state.timing.heartbeat_interval,
-        replicas::failover_after(state.timing.silence_limit()),
+        sessions.clone(),
+        timing.heartbeat_interval,
+        replicas::failover_after(timing.silence_limit()),
         &stop_background,
         &mut background,
     )
     .await
     .context("listening for sessions")?;
-    commands::spawn_listener(
-        state.db.clone(),
-        state.sessions.clone(),
-        state.completions.clone(),
+    delivery::spawn_listener(
+        db.clone(),
+        sessions.clone(),
+        fleet.completions.clone(),
         stop_background.clone(),
         &mut background,
     )
     .await
     .context("listening for commands")?;
 
-    crate::provisioning::spawn(&state, &stop_background, &mut background);
-    events::spawn_listener(&state.db, state.bell.clone(), stop_background.clone(), &mut background)
+    provisioning::spawn(&fleet, &stop_background, &mut background);
+    events::spawn_listener(&db, fleet.bell.clone(), stop_background.clone(), &mut background)
         .await
         .context("listening for events")?;
 
@@ -200,46 +213,46 @@ pub async fn serve(
     let enroll_addr = listeners.enroll.local_addr()?;
     let enroll_incoming = tls::accept_tls(listeners.enroll, enroll_tls, stop_accepting.clone(), "enrollment");
     let enroll_server = Server::builder()
-        .add_service(AgentGatewayServer::new(Gateway::new(state.clone())))
+        .add_service(AgentGatewayServer::new(Gateway::new(agents.clone())))
         .serve_with_incoming_shutdown(enroll_incoming, stop_servers.clone().cancelled_owned());
     let enroll_server = tokio::spawn(enroll_server);
-    let incoming = tls::accept_agents(listeners.agent, agent_tls, stop_accepting.clone());
+    let incoming = accept::accept_agents(listeners.agent, agent_tls, stop_accepting.clone());
     let agent_server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AgentGatewayServer::new(Gateway::new(state.clone())))
+        .add_service(AgentGatewayServer::new(Gateway::new(agents.clone())))
         .serve_with_incoming_shutdown(incoming, stop_servers.clone().cancelled_owned());
     let agent_server = tokio::spawn(agent_server);
 
-    let api_identity = tls::api_identity(&config.api_tls, &state.authorities, &server_cert)?;
-    let api_server = api_server(&state, listeners.api, api_identity, stop_accepting.clone(), stop_servers.clone())?;
+    let api_identity = tls::api_identity(&config.api_tls, &authorities, &server_cert)?;
+    let api_server = api_server(&api, listeners.api, api_identity, stop_accepting.clone(), stop_servers.clone())?;
     let api_server = tokio::spawn(api_server);
     tracing::info!(agent = %agent_addr, api = %api_addr, enroll = %enroll_addr, ca_sha256 = %ca_pin, "control plane serving");
 
     shutdown.await;
-    tracing::info!(sessions = state.sessions.len(), "shutting down");
+    tracing::info!(sessions = sessions.len(), "shutting down");
     stop_accepting.cancel();
-    state.stopping.cancel();
+    api.stopping.cancel();
     // The agents we send away must not be held against their session rate limit.
-    if let Err(error) = replicas::forgive_reconnects(&state.db, replica).await {
+    if let Err(error) = replicas::forgive_reconnects(&db, replica).await {
         tracing::warn!(%error, "could not reset the session rate limit of this replica's droplets");
     }
     let spread = config.timing.reconnect_spread;
-    state.sessions.close_all(|| Goodbye {
+    sessions.close_all(|| Goodbye {
         reason: Reason::Shutdown as i32,
         message: "the control plane is shutting down".into(),
         reconnect_after: prost_types::Duration::try_from(jitter(spread)).ok(),
         required_protocol: None,
     });
     let drained = tokio::time::timeout(config.timing.shutdown_grace, async {
-        while !state.sessions.is_empty() {
+        while !sessions.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(sessions = state.sessions.len(), "sessions did not close within the grace; cutting them");
-        state.sessions.cancel_all();
+        tracing::warn!(sessions = sessions.len(), "sessions did not close within the grace; cutting them");
+        sessions.cancel_all();
     }
     stop_background.cancel();
     while background.join_next().await.is_some() {}
@@ -262,7 +275,7 @@ pub async fn serve(
 type ServerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 fn api_server(
-    state: &State,
+    api: &Api,
     listener: TcpListener,
     identity: Option<(Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
     stop_accepting: CancellationToken,
@@ -285,8 +298,8 @@ fn api_server(
     let reflection_v1 = reflection().build_v1().context("building gRPC reflection (v1)")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection (v1alpha)")?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let fleet = FleetServer::new(FleetApi::new(state.clone()));
-    let http = Arc::new(Http::new(fleet.clone(), state.db.clone(), state.sessions.clone())?);
+    let fleet = FleetServer::new(FleetApi::new(api.clone()));
+    let http = Arc::new(Http::new(fleet.clone(), api.fleet.db.clone(), api.agents.sessions.clone())?);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha).add_service(fleet);
     // gRPC by its service paths; everything else is the HTTP/JSON side.

@@ -22,9 +22,9 @@ use flotilla::{
 use flotilla_agent::{AgentConfig, Credentials, Enrollment, IdentitySource, enroll::Trust, identity::Store};
 use flotilla_control_plane::{
     Listeners, ServeConfig,
-    config::Timing,
-    crypto::MasterKey,
-    pki::{Authorities, Ca},
+    identity::master_key::MasterKey,
+    identity::pki::{Authorities, Ca},
+    timing::Timing,
 };
 use sqlx::{ConnectOptions as _, PgPool, postgres::PgConnectOptions};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
@@ -150,9 +150,9 @@ pub fn http_client(ca_pem: Option<&str>) -> anyhow::Result<reqwest::Client> {
 pub async fn api_key(
     pool: &PgPool,
     account: &str,
-    scope: flotilla_control_plane::auth::Scope,
+    scope: flotilla_control_plane::api::auth::Scope,
 ) -> anyhow::Result<String> {
-    Ok(flotilla_control_plane::auth::create(pool, account, scope, "tests", None).await?.key)
+    Ok(flotilla_control_plane::api::auth::create(pool, account, scope, "tests", None).await?.key)
 }
 
 /// How a test control plane serves its API.
@@ -160,10 +160,10 @@ pub async fn api_key(
 pub struct ApiOptions {
     /// Requests per second per key.
     pub rate: NonZeroU32,
-    pub jwt: Option<flotilla_control_plane::jwt::JwtConfig>,
+    pub jwt: Option<flotilla_control_plane::api::auth::jwt::JwtConfig>,
     /// What new droplets run, and the providers that make them.
     pub agent_image: String,
-    pub providers: flotilla_control_plane::provisioning::Providers,
+    pub providers: flotilla_control_plane::fleet::provisioning::Providers,
     pub provision_timeout: Duration,
 }
 
@@ -264,7 +264,7 @@ impl TestControlPlane {
     pub async fn start_with_jwt(
         pool: &PgPool,
         timing: Timing,
-        jwt: flotilla_control_plane::jwt::JwtConfig,
+        jwt: flotilla_control_plane::api::auth::jwt::JwtConfig,
     ) -> anyhow::Result<Self> {
         let api = ApiOptions { jwt: Some(jwt), ..ApiOptions::default() };
         Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
@@ -303,13 +303,13 @@ impl TestControlPlane {
             master_key: master_key.clone(),
             cert_validity,
             api_rate_limit: api.rate,
-            api_tls: flotilla_control_plane::tls::ApiTls::FleetCa,
+            api_tls: flotilla_control_plane::identity::tls::ApiTls::FleetCa,
             jwt: api.jwt.clone(),
             agent_image: api.agent_image.clone(),
             providers: api.providers.clone(),
             provision_timeout: api.provision_timeout,
         };
-        let admin_key = api_key(pool, "default", flotilla_control_plane::auth::Scope::Admin).await?;
+        let admin_key = api_key(pool, "default", flotilla_control_plane::api::auth::Scope::Admin).await?;
         let task = tokio::spawn(flotilla_control_plane::serve(
             pool.clone(),
             config,
@@ -419,7 +419,11 @@ impl TestControlPlane {
     }
 
     /// A client with a new key of `account` and `scope`.
-    pub async fn fleet_as(&self, account: &str, scope: flotilla_control_plane::auth::Scope) -> anyhow::Result<Fleet> {
+    pub async fn fleet_as(
+        &self,
+        account: &str,
+        scope: flotilla_control_plane::api::auth::Scope,
+    ) -> anyhow::Result<Fleet> {
         self.fleet_with(&api_key(&self.pool, account, scope).await?).await
     }
 
@@ -514,7 +518,7 @@ pub async fn credentials(pool: &PgPool, master_key: &MasterKey, droplet: Droplet
     let now = time::OffsetDateTime::now_utc();
     let issued = ca.issue_agent(droplet, now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
     let mut conn = pool.acquire().await?;
-    flotilla_control_plane::enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
+    flotilla_control_plane::identity::enrollment::record(&mut conn, ca, droplet, &issued, "operator").await?;
     Ok(Credentials { cert_pem: issued.cert_pem, key_pem: issued.key_pem, ca_pem: authorities.bundle.concat() })
 }
 

@@ -87,7 +87,7 @@ impl ControlPlaneProcess {
             data_dir: temp_dir("flotilla-cp-process"),
             database_url: format!("{server}/{}", db.name),
             master_key: master_key.to_owned(),
-            admin_key: super::api_key(&db.pool, "default", flotilla_control_plane::auth::Scope::Admin).await?,
+            admin_key: super::api_key(&db.pool, "default", flotilla_control_plane::api::auth::Scope::Admin).await?,
             child: Running(None),
         };
         process.restart().await?;

@@ -1,0 +1,501 @@
+//! Who is calling the fleet API, and what they may touch.
+//!
+//! Every call carries `authorization: Bearer <key>` (gRPC metadata or the HTTP header:
+//! the HTTP side passes its headers through unchanged). A key belongs to one account and
+//! has a scope: `read` < `write` < `admin`. A key reaches only its own account's
+//! droplets, deployments, commands, events and tokens; another account's id answers
+//! `NotFound` exactly as a missing id does, so ids cannot be probed. `admin` keys reach
+//! every account and manage API keys.
+
+pub mod jwt;
+
+use std::{fmt, num::NonZeroU32, sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use tonic::{Status, metadata::MetadataMap};
+use uuid::Uuid;
+
+/// Every key starts with this, so a leaked one is easy to recognise (and to scan for).
+pub const KEY_PREFIX: &str = "flk_";
+/// How much of a key is stored and shown in clear, to tell keys apart.
+const SHOWN_CHARS: usize = 12;
+/// `last_used_at` is written at most this often per key.
+const LAST_USED_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Get, list, watch, logs, tools.
+    Read,
+    /// Also create, update, start, stop, restart and delete droplets, deployments, tokens.
+    Write,
+    /// Also API keys, and every account.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "read" => Some(Scope::Read),
+            "write" => Some(Scope::Write),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Scope::parse(text).ok_or_else(|| format!("{text:?} is not a scope: read, write or admin"))
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub account: String,
+    pub scope: Scope,
+    /// Names the credential in audit trails (`requested_by`) and logs: never the key.
+    pub principal: String,
+}
+
+/// What a caller can reach by id. Each is looked up by id in its table's `account`.
+#[derive(Debug, Clone, Copy)]
+pub enum Owned {
+    Droplet,
+    Deployment,
+    Command,
+    EnrollmentToken,
+    ApiKey,
+}
+
+impl Owned {
+    fn noun(self) -> &'static str {
+        match self {
+            Owned::Droplet => "droplet",
+            Owned::Deployment => "deployment",
+            Owned::Command => "command",
+            Owned::EnrollmentToken => "enrollment token",
+            Owned::ApiKey => "API key",
+        }
+    }
+
+    fn query(self) -> &'static str {
+        match self {
+            Owned::Droplet => "SELECT account FROM droplets WHERE id = $1",
+            Owned::Deployment => "SELECT account FROM deployments WHERE id = $1",
+            Owned::Command => "SELECT account FROM commands WHERE id = $1",
+            Owned::EnrollmentToken => "SELECT account FROM enrollment_tokens WHERE id = $1",
+            Owned::ApiKey => "SELECT account FROM api_keys WHERE id = $1",
+        }
+    }
+
+    /// The one answer for "missing" and "another account's".
+    pub fn not_found(self, id: impl fmt::Display) -> Status {
+        Status::not_found(format!("{} {id} not found", self.noun()))
+    }
+}
+
+impl Caller {
+    /// Refuses a call that needs more than this caller's scope.
+    pub fn require(&self, scope: Scope, call: &str) -> Result<(), Status> {
+        if self.scope >= scope {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!("{call} needs the {scope} scope; this key has {}", self.scope)))
+    }
+
+    /// Whether this caller may see what `account` owns.
+    pub fn sees(&self, account: &str) -> bool {
+        self.scope == Scope::Admin || self.account == account
+    }
+
+    /// The account a list is limited to: the caller's own, or for admins the one asked
+    /// for (all when none is).
+    pub fn list_account(&self, asked: &str) -> Result<Option<String>, Status> {
+        match (self.scope, asked) {
+            (Scope::Admin, "") => Ok(None),
+            (Scope::Admin, asked) => Ok(Some(asked.to_owned())),
+            (_, "") => Ok(Some(self.account.clone())),
+            (_, asked) if asked == self.account => Ok(Some(self.account.clone())),
+            (_, asked) => Err(self.foreign_account(asked)),
+        }
+    }
+
+    /// The account something new is created in: the caller's own unless an admin names
+    /// another.
+    pub fn create_account(&self, asked: &str) -> Result<String, Status> {
+        Ok(self.list_account(asked)?.unwrap_or_else(|| self.account.clone()))
+    }
+
+    fn foreign_account(&self, asked: &str) -> Status {
+        Status::permission_denied(format!(
+            "account: this key belongs to account {:?} and cannot act for {asked:?}",
+            self.account
+        ))
+    }
+
+    /// `Ok` when `id` exists and this caller may see it; `NotFound` otherwise, whichever
+    /// of the two it is.
+    pub async fn reach(&self, db: &PgPool, what: Owned, id: Uuid) -> Result<(), Status> {
+        let account: Option<String> =
+            sqlx::query_scalar(what.query()).bind(id).fetch_optional(db).await.map_err(database)?;
+        match account {
+            Some(account) if self.sees(&account) => Ok(()),
+            _ => Err(what.not_found(id)),
+        }
+    }
+}
+
+fn database(error: sqlx::Error) -> Status {
+    crate::api::status::db_error(error)
+}
+
+/// A new key, as shown once.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: Uuid,
+    /// The secret. Shown to whoever created it, then never again.
+    pub key: String,
+    pub row: KeyRow,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    pub id: Uuid,
+    pub account: String,
+    pub name: String,
+    pub scope: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "account: {0:?} is not an account name (lowercase letters, digits and '-', starting with a letter or digit, at most 63)"
+    )]
+    BadAccount(String),
+    #[error("expires: must be in the future and at most 10 years away")]
+    BadExpiry,
+    #[error("name: at most 200 characters")]
+    BadName,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+const KEY_COLUMNS: &str = "id, account, name, scope, prefix, created_at, expires_at, revoked_at, last_used_at";
+
+fn valid_account(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn digest(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// Creates a key (and its account, when new).
+pub async fn create(
+    db: &PgPool,
+    account: &str,
+    scope: Scope,
+    name: &str,
+    expires_in: Option<Duration>,
+) -> Result<NewKey, KeyError> {
+    if !valid_account(account) {
+        return Err(KeyError::BadAccount(account.to_owned()));
+    }
+    if name.chars().count() > 200 {
+        return Err(KeyError::BadName);
+    }
+    let expires_at = match expires_in {
+        None => None,
+        Some(d) if d.is_zero() || d > Duration::from_secs(10 * 366 * 24 * 3600) => return Err(KeyError::BadExpiry),
+        Some(d) => Some(Utc::now() + chrono::TimeDelta::from_std(d).map_err(|_| KeyError::BadExpiry)?),
+    };
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    let id = Uuid::now_v7();
+    let mut tx = db.begin().await?;
+    sqlx::query("INSERT INTO accounts (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?;
+    let row: KeyRow = sqlx::query_as(&format!(
+        "INSERT INTO api_keys (id, account, name, scope, prefix, sha256, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(account)
+    .bind(name)
+    .bind(scope.as_str())
+    .bind(&key[..SHOWN_CHARS])
+    .bind(digest(&key))
+    .bind(expires_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(NewKey { id, key, row })
+}
+
+pub async fn list(db: &PgPool, account: Option<&str>) -> Result<Vec<KeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE $1::text IS NULL OR account = $1 ORDER BY created_at, id"
+    ))
+    .bind(account)
+    .fetch_all(db)
+    .await
+}
+
+/// Revokes a key; `None` when there is no such key. Revoking twice keeps the first time.
+pub async fn revoke(db: &PgPool, id: Uuid) -> Result<Option<KeyRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Checks the credentials of API calls, and limits each key's rate.
+#[derive(Clone)]
+pub struct ApiKeys {
+    db: PgPool,
+    limiter: Arc<DefaultKeyedRateLimiter<Uuid>>,
+    jwt: Option<crate::api::auth::jwt::Verifier>,
+    /// Accounts known to exist, so token callers do not write on every call.
+    accounts: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeys").finish_non_exhaustive()
+    }
+}
+
+/// Requests per second per key, with bursts of twice that.
+pub const DEFAULT_RATE: u32 = 100;
+
+impl ApiKeys {
+    pub fn new(db: PgPool, per_second: NonZeroU32, jwt: Option<crate::api::auth::jwt::Verifier>) -> Self {
+        let burst = per_second.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+        let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
+        Self { db, limiter: Arc::new(limiter), jwt, accounts: Arc::default() }
+    }
+
+    fn limit(&self, key: Uuid) -> Result<(), Status> {
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| rate_limited(not_until.wait_time_from(governor::clock::DefaultClock::default().now())))
+    }
+
+    /// The caller of a request, from its `authorization` header.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let key = match bearer(metadata)? {
+            Credential::Key(key) => key,
+            Credential::Jwt(token) => return self.token_caller(token).await,
+        };
+        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE sha256 = $1"))
+            .bind(digest(key))
+            .fetch_optional(&self.db)
+            .await
+            .map_err(database)?;
+        let Some(row) = row else {
+            return Err(Status::unauthenticated("authorization: unknown API key"));
+        };
+        let now = Utc::now();
+        if let Some(at) = row.revoked_at {
+            return Err(Status::unauthenticated(format!("authorization: this API key was revoked at {at}")));
+        }
+        if let Some(at) = row.expires_at.filter(|at| *at <= now) {
+            return Err(Status::unauthenticated(format!("authorization: this API key expired at {at}")));
+        }
+        let scope = Scope::parse(&row.scope).ok_or_else(|| Status::internal("an API key has an unknown scope"))?;
+        self.limit(row.id)?;
+        if row.last_used_at.is_none_or(|at| now - at > LAST_USED_EVERY) {
+            let stamped = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
+                .bind(row.id)
+                .execute(&self.db)
+                .await;
+            if let Err(error) = stamped {
+                tracing::warn!(%error, "could not record when an API key was last used");
+            }
+        }
+        Ok(Caller { account: row.account, scope, principal: format!("key {} ({})", row.prefix, row.name) })
+    }
+
+    /// A Supabase user token's caller: the configured claim's account, the configured scope.
+    async fn token_caller(&self, token: &str) -> Result<Caller, Status> {
+        let Some(verifier) = &self.jwt else {
+            return Err(Status::unauthenticated(format!(
+                "authorization: not a Flotilla API key (they start with {KEY_PREFIX}), and this control plane accepts no JWTs"
+            )));
+        };
+        let verified = verifier.verify(token).await?;
+        if !valid_account(&verified.account) {
+            return Err(Status::permission_denied(format!(
+                "authorization: the token's account {:?} is not an account name",
+                verified.account
+            )));
+        }
+        // Each user has a rate of their own, kept under an id derived from the subject.
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest(&format!("jwt/{}", verified.subject))[..16]);
+        self.limit(Uuid::from_bytes(id))?;
+        let known = self.accounts.lock().map(|known| known.contains(&verified.account)).unwrap_or(false);
+        if !known {
+            sqlx::query("INSERT INTO accounts (name) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(&verified.account)
+                .execute(&self.db)
+                .await
+                .map_err(database)?;
+            if let Ok(mut known) = self.accounts.lock() {
+                known.insert(verified.account.clone());
+            }
+        }
+        Ok(Caller {
+            account: verified.account,
+            scope: verifier.scope(),
+            principal: format!("user {}", verified.subject),
+        })
+    }
+
+    /// Forgets rate-limit state of keys not seen lately (call now and then).
+    pub fn shrink(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+/// `ResourceExhausted` with a `google.rpc.RetryInfo` the HTTP side turns into
+/// `Retry-After`.
+pub fn rate_limited(wait: Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    // Whole milliseconds, at least one: a zero delay would invite a hot loop.
+    let wait = wait.max(Duration::from_millis(1));
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("rate limit: too many requests with this API key; retry in {} ms", wait.as_millis()),
+        ErrorDetails::with_retry_info(Some(wait)),
+    )
+}
+
+/// What a bearer credential is.
+#[derive(Debug, PartialEq, Eq)]
+enum Credential<'a> {
+    Key(&'a str),
+    /// Three dot-separated parts: a JWT (a Supabase user token).
+    Jwt(&'a str),
+}
+
+/// The credential in `authorization: Bearer <credential>`.
+fn bearer(metadata: &MetadataMap) -> Result<Credential<'_>, Status> {
+    let Some(value) = metadata.get("authorization") else {
+        return Err(Status::unauthenticated(
+            "authorization: missing; send the header `authorization: Bearer <API key>`",
+        ));
+    };
+    let malformed = || Status::unauthenticated("authorization: expected `Bearer <API key>`");
+    let value = value.to_str().map_err(|_| malformed())?;
+    let (scheme, key) = value.split_once(' ').ok_or_else(malformed)?;
+    let key = key.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || key.is_empty() || key.contains(' ') {
+        return Err(malformed());
+    }
+    if key.starts_with(KEY_PREFIX) {
+        return Ok(Credential::Key(key));
+    }
+    if key.split('.').count() == 3 {
+        return Ok(Credential::Jwt(key));
+    }
+    Err(Status::unauthenticated(format!(
+        "authorization: not a Flotilla API key (they start with {KEY_PREFIX}) nor a JWT"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(value: &str) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        map.insert("authorization", value.parse().expect("ascii"));
+        map
+    }
+
+    #[test]
+    fn bearer_header_forms() {
+        assert_eq!(bearer(&metadata("Bearer flk_abc")).ok(), Some(Credential::Key("flk_abc")));
+        assert_eq!(bearer(&metadata("bearer flk_abc")).ok(), Some(Credential::Key("flk_abc")));
+        assert_eq!(bearer(&metadata("Bearer a.b.c")).ok(), Some(Credential::Jwt("a.b.c")));
+        for (value, says) in [
+            ("flk_abc", "expected `Bearer"),
+            ("Basic flk_abc", "expected `Bearer"),
+            ("Bearer ", "expected `Bearer"),
+            ("Bearer a b", "expected `Bearer"),
+            ("Bearer abc", "not a Flotilla API key"),
+        ] {
+            let status = bearer(&metadata(value)).expect_err(value);
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{value}");
+            assert!(status.message().contains(says), "{value}: {}", status.message());
+        }
+        let missing = bearer(&MetadataMap::new()).expect_err("missing");
+        assert!(missing.message().contains("missing"));
+    }
+
+    #[test]
+    fn scopes_are_ordered_and_accounts_fenced() {
+        let write = Caller { account: "a".into(), scope: Scope::Write, principal: "t".into() };
+        assert!(write.require(Scope::Read, "x").is_ok());
+        assert!(write.require(Scope::Write, "x").is_ok());
+        let denied = write.require(Scope::Admin, "CreateApiKey").expect_err("admin");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(denied.message(), "CreateApiKey needs the admin scope; this key has write");
+        assert!(write.sees("a") && !write.sees("b"));
+        assert_eq!(write.list_account("").ok().flatten().as_deref(), Some("a"));
+        assert_eq!(write.list_account("b").expect_err("b").code(), tonic::Code::PermissionDenied);
+        let admin = Caller { scope: Scope::Admin, ..write };
+        assert!(admin.sees("b"));
+        assert_eq!(admin.list_account("").ok(), Some(None));
+        assert_eq!(admin.create_account("").ok().as_deref(), Some("a"));
+        assert_eq!(admin.create_account("b").ok().as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn account_names() {
+        for good in ["a", "default", "team-7", "0x"] {
+            assert!(valid_account(good), "{good}");
+        }
+        for bad in ["", "-a", "A", "a_b", "a b", &"a".repeat(64)] {
+            assert!(!valid_account(bad), "{bad}");
+        }
+    }
+}

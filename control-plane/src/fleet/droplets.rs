@@ -1,0 +1,1 @@
+//! Droplets: made, labelled and deleted, with their enrollment tokens.
