@@ -65,6 +65,9 @@ if [ -z "${DATABASE_URL:-}" ]; then
   start_postgres "$PG_TMP"
 fi
 
+# The layers' rules (no floor names one above it, SQL only in store/, ...): cheap, so first.
+scripts/layers.sh
+
 # The images the Docker tests run, built from this machine's own binaries.
 scripts/images.sh
 

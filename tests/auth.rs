@@ -9,7 +9,10 @@ use flotilla::proto::{
     ListDeploymentsRequest, ListDropletsRequest, ListEnrollmentTokensRequest, RevokeApiKeyRequest,
     UpdateDropletLabelsRequest, fleet_client::FleetClient,
 };
-use flotilla_control_plane::api::auth::{self, Scope};
+use flotilla_control_plane::{
+    api::auth::{self, Scope},
+    store,
+};
 use helpers::{TestControlPlane, TestDb, fast_timing};
 use tonic::{Code, Request};
 
@@ -38,7 +41,7 @@ async fn every_bad_credential_is_refused_with_unauthenticated() -> anyhow::Resul
     let mut bare = FleetClient::new(cp.channel().await?);
 
     let revoked = auth::create(&db.pool, "default", Scope::Admin, "old", None).await?;
-    auth::revoke(&db.pool, revoked.id).await?;
+    store::revoke_api_key(&db.pool, revoked.id).await?;
     let expired =
         auth::create(&db.pool, "default", Scope::Admin, "short", Some(std::time::Duration::from_secs(1))).await?;
     sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1")

@@ -137,7 +137,7 @@ async fn run_api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
         }
         ApiKeyCommand::List { db, account } => {
             let db = store::connect(&db.database_url, 2).await?;
-            for key in auth::list(&db, account.as_deref()).await?.into_iter().map(convert::key_to_proto) {
+            for key in store::list_api_keys(&db, account.as_deref()).await?.into_iter().map(convert::key_to_proto) {
                 let state = match (&key.revoked_at, &key.expires_at) {
                     (Some(_), _) => "revoked".to_owned(),
                     (None, Some(at)) => format!("expires {at}"),
@@ -153,7 +153,7 @@ async fn run_api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
         }
         ApiKeyCommand::Revoke { db, id } => {
             let db = store::connect(&db.database_url, 2).await?;
-            match auth::revoke(&db, id).await? {
+            match store::revoke_api_key(&db, id).await? {
                 Some(row) => {
                     println!("revoked API key {id} ({}…, account {})", row.prefix, row.account);
                     Ok(())

@@ -14,7 +14,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use sqlx::PgPool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -126,16 +125,14 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the database-backed gauges read now.
-    pub async fn render(&self, db: &PgPool, sessions_here: usize) -> Result<String, sqlx::Error> {
-        let droplets: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM droplets GROUP BY status").fetch_all(db).await?;
-        // Open commands only: the partial index makes this cheap however long the ledger.
-        let open: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT state, count(*) FROM commands WHERE state IN ('queued', 'sent', 'acked') GROUP BY state",
-        )
-        .fetch_all(db)
-        .await?;
+    /// The text exposition, with the fleet-wide gauges as just read from the database:
+    /// droplets by status and open commands by state.
+    pub fn render(
+        &self,
+        droplets: Vec<(String, i64)>,
+        open: &[(String, i64)],
+        sessions_here: usize,
+    ) -> Result<String, std::fmt::Error> {
         self.droplets.clear();
         for (status, n) in droplets {
             self.droplets.get_or_create(&StatusLabel { status }).set(n);
@@ -149,7 +146,7 @@ impl Metrics {
         let lag = self.last_flush.lock().ok().and_then(|last| *last).map_or(0.0, |at| at.elapsed().as_secs_f64());
         self.flush_lag.set(lag);
         let mut text = String::new();
-        encode(&mut text, &self.registry).map_err(|e| sqlx::Error::Protocol(format!("encoding metrics: {e}")))?;
+        encode(&mut text, &self.registry)?;
         Ok(text)
     }
 }

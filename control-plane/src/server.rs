@@ -105,7 +105,7 @@ pub async fn serve(
         }
         addr.to_string()
     });
-    let released = replicas::start(&db, replica, &api_address).await.context("recording this replica")?;
+    let released = store::start_replica(&db, replica, &api_address).await.context("recording this replica")?;
     if released > 0 {
         tracing::info!(
             droplets = released,
@@ -234,7 +234,7 @@ pub async fn serve(
     stop_accepting.cancel();
     api.stopping.cancel();
     // The agents we send away must not be held against their session rate limit.
-    if let Err(error) = replicas::forgive_reconnects(&db, replica).await {
+    if let Err(error) = store::forgive_reconnects(&db, replica).await {
         tracing::warn!(%error, "could not reset the session rate limit of this replica's droplets");
     }
     let spread = config.timing.reconnect_spread;

@@ -8,11 +8,14 @@
 //! every account and manage API keys.
 
 pub mod jwt;
+pub mod scope;
+
+pub use scope::Scope;
 
 use std::{fmt, num::NonZeroU32, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
@@ -20,55 +23,14 @@ use sqlx::PgPool;
 use tonic::{Status, metadata::MetadataMap};
 use uuid::Uuid;
 
+use crate::store::{self, KeyRow, NewKeyRow};
+
 /// Every key starts with this, so a leaked one is easy to recognise (and to scan for).
 pub const KEY_PREFIX: &str = "flk_";
 /// How much of a key is stored and shown in clear, to tell keys apart.
 const SHOWN_CHARS: usize = 12;
 /// `last_used_at` is written at most this often per key.
 const LAST_USED_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    /// Get, list, watch, logs, tools.
-    Read,
-    /// Also create, update, start, stop, restart and delete droplets, deployments, tokens.
-    Write,
-    /// Also API keys, and every account.
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Write => "write",
-            Scope::Admin => "admin",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "read" => Some(Scope::Read),
-            "write" => Some(Scope::Write),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Scope {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Scope::parse(text).ok_or_else(|| format!("{text:?} is not a scope: read, write or admin"))
-    }
-}
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -100,13 +62,13 @@ impl Owned {
         }
     }
 
-    fn query(self) -> &'static str {
+    fn table(self) -> store::Owned {
         match self {
-            Owned::Droplet => "SELECT account FROM droplets WHERE id = $1",
-            Owned::Deployment => "SELECT account FROM deployments WHERE id = $1",
-            Owned::Command => "SELECT account FROM commands WHERE id = $1",
-            Owned::EnrollmentToken => "SELECT account FROM enrollment_tokens WHERE id = $1",
-            Owned::ApiKey => "SELECT account FROM api_keys WHERE id = $1",
+            Owned::Droplet => store::Owned::Droplets,
+            Owned::Deployment => store::Owned::Deployments,
+            Owned::Command => store::Owned::Commands,
+            Owned::EnrollmentToken => store::Owned::EnrollmentTokens,
+            Owned::ApiKey => store::Owned::ApiKeys,
         }
     }
 
@@ -158,8 +120,7 @@ impl Caller {
     /// `Ok` when `id` exists and this caller may see it; `NotFound` otherwise, whichever
     /// of the two it is.
     pub async fn reach(&self, db: &PgPool, what: Owned, id: Uuid) -> Result<(), Status> {
-        let account: Option<String> =
-            sqlx::query_scalar(what.query()).bind(id).fetch_optional(db).await.map_err(database)?;
+        let account = store::account_of(db, what.table(), id).await.map_err(database)?;
         match account {
             Some(account) if self.sees(&account) => Ok(()),
             _ => Err(what.not_found(id)),
@@ -180,19 +141,6 @@ pub struct NewKey {
     pub row: KeyRow,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct KeyRow {
-    pub id: Uuid,
-    pub account: String,
-    pub name: String,
-    pub scope: String,
-    pub prefix: String,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub last_used_at: Option<DateTime<Utc>>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error(
@@ -206,8 +154,6 @@ pub enum KeyError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
-
-const KEY_COLUMNS: &str = "id, account, name, scope, prefix, created_at, expires_at, revoked_at, last_used_at";
 
 fn valid_account(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -244,45 +190,17 @@ pub async fn create(
     rand::rng().fill_bytes(&mut secret);
     let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     let id = Uuid::now_v7();
-    let mut tx = db.begin().await?;
-    sqlx::query("INSERT INTO accounts (name) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(account)
-        .execute(&mut *tx)
-        .await?;
-    let row: KeyRow = sqlx::query_as(&format!(
-        "INSERT INTO api_keys (id, account, name, scope, prefix, sha256, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(account)
-    .bind(name)
-    .bind(scope.as_str())
-    .bind(&key[..SHOWN_CHARS])
-    .bind(digest(&key))
-    .bind(expires_at)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    let new = NewKeyRow {
+        id,
+        account,
+        name,
+        scope: scope.as_str(),
+        prefix: &key[..SHOWN_CHARS],
+        sha256: digest(&key),
+        expires_at,
+    };
+    let row = store::insert_api_key(db, new).await?;
     Ok(NewKey { id, key, row })
-}
-
-pub async fn list(db: &PgPool, account: Option<&str>) -> Result<Vec<KeyRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE $1::text IS NULL OR account = $1 ORDER BY created_at, id"
-    ))
-    .bind(account)
-    .fetch_all(db)
-    .await
-}
-
-/// Revokes a key; `None` when there is no such key. Revoking twice keeps the first time.
-pub async fn revoke(db: &PgPool, id: Uuid) -> Result<Option<KeyRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING {KEY_COLUMNS}"
-    ))
-    .bind(id)
-    .fetch_optional(db)
-    .await
 }
 
 /// Checks the credentials of API calls, and limits each key's rate.
@@ -323,11 +241,7 @@ impl ApiKeys {
             Credential::Key(key) => key,
             Credential::Jwt(token) => return self.token_caller(token).await,
         };
-        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE sha256 = $1"))
-            .bind(digest(key))
-            .fetch_optional(&self.db)
-            .await
-            .map_err(database)?;
+        let row = store::api_key_by_digest(&self.db, &digest(key)).await.map_err(database)?;
         let Some(row) = row else {
             return Err(Status::unauthenticated("authorization: unknown API key"));
         };
@@ -341,11 +255,7 @@ impl ApiKeys {
         let scope = Scope::parse(&row.scope).ok_or_else(|| Status::internal("an API key has an unknown scope"))?;
         self.limit(row.id)?;
         if row.last_used_at.is_none_or(|at| now - at > LAST_USED_EVERY) {
-            let stamped = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
-                .bind(row.id)
-                .execute(&self.db)
-                .await;
-            if let Err(error) = stamped {
+            if let Err(error) = store::touch_api_key(&self.db, row.id).await {
                 tracing::warn!(%error, "could not record when an API key was last used");
             }
         }
@@ -372,11 +282,7 @@ impl ApiKeys {
         self.limit(Uuid::from_bytes(id))?;
         let known = self.accounts.lock().map(|known| known.contains(&verified.account)).unwrap_or(false);
         if !known {
-            sqlx::query("INSERT INTO accounts (name) VALUES ($1) ON CONFLICT DO NOTHING")
-                .bind(&verified.account)
-                .execute(&self.db)
-                .await
-                .map_err(database)?;
+            store::ensure_account(&self.db, &verified.account).await.map_err(database)?;
             if let Ok(mut known) = self.accounts.lock() {
                 known.insert(verified.account.clone());
             }

@@ -2,14 +2,17 @@
 
 use chrono::{DateTime, Utc};
 use flotilla::proto::{self, ContainerStatus, Droplet, EnrollmentToken, HostFacts, HostLoad, ProtocolVersion};
+use futures::{Stream, StreamExt as _};
 use prost::Message as _;
+use tonic::Status;
+use uuid::Uuid;
 
 use crate::{
-    api::auth,
-    store::{self, CommandRow, DropletRow, DropletStatus},
+    fleet::{commands::Options, deployments::DeploymentView, events},
+    store::{self, CommandRow, DesiredState, DropletRow, DropletStatus},
 };
 
-pub fn key_to_proto(row: auth::KeyRow) -> proto::ApiKey {
+pub fn key_to_proto(row: store::KeyRow) -> proto::ApiKey {
     proto::ApiKey {
         id: row.id.to_string(),
         account: row.account,
@@ -158,6 +161,89 @@ pub fn command_to_proto(row: &CommandRow) -> proto::CommandRecord {
         sent_at: ts(row.sent_at),
         acked_at: ts(row.acked_at),
         finished_at: ts(row.finished_at),
+    }
+}
+
+/// A deployment as the API answers it.
+pub fn deployment_to_proto(view: DeploymentView) -> proto::Deployment {
+    use proto::deployment::DesiredState as D;
+    let desired = match view.desired {
+        Some(DesiredState::Running) => D::Running,
+        Some(DesiredState::Stopped) => D::Stopped,
+        Some(DesiredState::Removed) => D::Removed,
+        None => D::Unspecified,
+    };
+    let id = |id: Option<Uuid>| id.map(|id| id.to_string()).unwrap_or_default();
+    proto::Deployment {
+        id: id(view.id),
+        droplet_id: view.droplet.to_string(),
+        account: view.account,
+        name: view.name,
+        generation: view.generation,
+        desired_state: desired as i32,
+        spec: Some(view.spec),
+        container: view.container,
+        created_at: view.created_at.map(timestamp),
+        updated_at: view.updated_at.map(timestamp),
+        last_error: view.last_error,
+        failed: view.failed,
+        last_command_id: id(view.last_command),
+    }
+}
+
+/// What the probe found of a deployment's MCP server; empty before it found one.
+pub fn tools_to_proto(found: Option<store::McpServerTools>) -> proto::ListToolsResponse {
+    let Some(found) = found else { return proto::ListToolsResponse::default() };
+    proto::ListToolsResponse {
+        server_name: found.name,
+        server_version: found.version,
+        tools: found
+            .tools
+            .into_iter()
+            .map(|tool| proto::McpTool {
+                name: tool.name,
+                description: tool.description,
+                input_schema_json: tool.input_schema.0.to_string(),
+            })
+            .collect(),
+        discovered_at: Some(timestamp(found.discovered_at)),
+    }
+}
+
+impl TryFrom<Option<proto::CommandOptions>> for Options {
+    type Error = String;
+
+    fn try_from(options: Option<proto::CommandOptions>) -> Result<Self, String> {
+        let options = options.unwrap_or_default();
+        let deadline = match options.deadline {
+            None => None,
+            Some(t) => Some(
+                DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+                    .ok_or("options.deadline: not a valid instant")?,
+            ),
+        };
+        Options::new(options.idempotency_key, deadline)
+    }
+}
+
+/// `WatchEvents` as the API streams it.
+pub type EventStream = std::pin::Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+/// The fleet's event stream as Fleet messages.
+pub fn event_stream(events: events::EventStream) -> EventStream {
+    Box::pin(events.map(|event| event.map(event_to_proto).map_err(|gone| Status::unavailable(gone.to_string()))))
+}
+
+fn event_to_proto(event: events::Event) -> proto::Event {
+    let row = event.row;
+    proto::Event {
+        cursor: event.cursor.encode(),
+        account: row.account,
+        droplet_id: row.droplet_id.map(|d| d.to_string()).unwrap_or_default(),
+        deployment_id: row.deployment_id.map(|d| d.to_string()).unwrap_or_default(),
+        kind: row.kind,
+        message: row.message,
+        at: Some(timestamp(row.at)),
     }
 }
 

@@ -20,7 +20,10 @@ use crate::{
     api::{
         Api,
         auth::{self, Caller, Owned, Scope},
-        convert::{command_to_proto, droplet_to_proto, key_to_proto, status_from_proto, token_to_proto},
+        convert::{
+            self, command_to_proto, deployment_to_proto, droplet_to_proto, key_to_proto, status_from_proto,
+            token_to_proto, tools_to_proto,
+        },
         paging::{self, List},
         status::{bad_fields, db_error, deployment_status},
     },
@@ -118,7 +121,7 @@ impl FleetApi {
         let deployment =
             deployments::lifecycle(&self.api.fleet, id, verb, &options).await.map_err(deployment_status)?;
         tracing::info!(deployment_id = %id, ?verb, "deployment lifecycle");
-        Ok(Response::new(deployment))
+        Ok(Response::new(deployment_to_proto(deployment)))
     }
 }
 
@@ -141,12 +144,13 @@ impl Fleet for FleetApi {
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         if request.validate_only {
             let checked = deployments::validate(&self.api.fleet, droplet, &request.name, spec).await;
-            return Ok(Response::new(checked.map_err(deployment_status)?));
+            return Ok(Response::new(deployment_to_proto(checked.map_err(deployment_status)?)));
         }
         let options = options(request.options, &caller, remote)?;
         let created = deployments::create(&self.api.fleet, droplet, &request.name, spec, &options)
             .await
             .map_err(deployment_status)?;
+        let created = deployment_to_proto(created);
         tracing::info!(deployment_id = %created.id, droplet_id = %droplet, by = %caller.principal, "deployment created");
         Ok(Response::new(created))
     }
@@ -155,12 +159,14 @@ impl Fleet for FleetApi {
         let id = self
             .deployment(&request, Scope::Read, "ListTools", ("deployment_id", &request.get_ref().deployment_id))
             .await?;
-        Ok(Response::new(deployments::tools(&self.api.fleet, id).await.map_err(deployment_status)?))
+        let found = deployments::tools(&self.api.fleet, id).await.map_err(deployment_status)?;
+        Ok(Response::new(tools_to_proto(found)))
     }
 
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
         let id = self.deployment(&request, Scope::Read, "GetDeployment", ("id", &request.get_ref().id)).await?;
-        Ok(Response::new(deployments::get(&self.api.fleet, id).await.map_err(deployment_status)?))
+        let deployment = deployments::get(&self.api.fleet, id).await.map_err(deployment_status)?;
+        Ok(Response::new(deployment_to_proto(deployment)))
     }
 
     async fn list_deployments(
@@ -182,8 +188,11 @@ impl Fleet for FleetApi {
             limit: i64::from(size) + 1,
         };
         let mut rows = deployments::list(&self.api.fleet, &filter).await.map_err(deployment_status)?;
-        let next_page_token = paging::next_page(&mut rows, size, List::Deployments, |d| d.id.clone());
-        Ok(Response::new(proto::ListDeploymentsResponse { deployments: rows, next_page_token }))
+        let next_page_token = paging::next_page(&mut rows, size, List::Deployments, |d| {
+            d.id.map(|id| id.to_string()).unwrap_or_default()
+        });
+        let deployments = rows.into_iter().map(deployment_to_proto).collect();
+        Ok(Response::new(proto::ListDeploymentsResponse { deployments, next_page_token }))
     }
 
     async fn start_deployment(
@@ -238,7 +247,8 @@ impl Fleet for FleetApi {
         let request = request.into_inner();
         let spec = request.spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let options = options(request.options, &caller, remote)?;
-        Ok(Response::new(deployments::update(&self.api.fleet, id, spec, &options).await.map_err(deployment_status)?))
+        let updated = deployments::update(&self.api.fleet, id, spec, &options).await.map_err(deployment_status)?;
+        Ok(Response::new(deployment_to_proto(updated)))
     }
 
     async fn get_command(
@@ -344,11 +354,7 @@ impl Fleet for FleetApi {
         let caller = self.caller(&request, Scope::Write, "DeleteDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
         caller.reach(&self.db, Owned::Droplet, id).await?;
-        let provider: Option<String> = sqlx::query_scalar("SELECT provider FROM droplets WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.db)
-            .await
-            .map_err(db_error)?;
+        let provider = store::droplet_provider(&self.db, id).await.map_err(db_error)?;
         if provider.as_deref().is_some_and(|p| p != "byo") {
             // Its machine is destroyed by a job; the droplet stays `deleting` until then.
             let revoked = crate::fleet::provisioning::begin_delete(&self.db, id).await.map_err(db_error)?;
@@ -585,7 +591,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(droplet_to_proto(row.ok_or_else(|| Owned::Droplet.not_found(id))?)))
     }
 
-    type WatchEventsStream = events::EventStream;
+    type WatchEventsStream = convert::EventStream;
 
     async fn watch_events(
         &self,
@@ -606,12 +612,12 @@ impl Fleet for FleetApi {
             droplet,
             deployment,
             ..Default::default()
-        }
-        .kinds(&request.kinds)?;
+        };
+        let filter = events::with_kinds(filter, &request.kinds).map_err(Status::invalid_argument)?;
         let from = match (request.cursor.as_str(), request.from_oldest) {
             ("", true) => events::Cursor::OLDEST,
             ("", false) => events::now(&self.db).await.map_err(db_error)?,
-            (cursor, _) => events::Cursor::decode(cursor)?,
+            (cursor, _) => events::Cursor::decode(cursor).map_err(|bad| Status::invalid_argument(bad.to_string()))?,
         };
         let stream = events::watch(
             self.db.clone(),
@@ -621,7 +627,7 @@ impl Fleet for FleetApi {
             request.follow,
             self.api.stopping.clone(),
         );
-        Ok(Response::new(stream))
+        Ok(Response::new(convert::event_stream(stream)))
     }
 
     async fn create_api_key(
@@ -656,7 +662,7 @@ impl Fleet for FleetApi {
     ) -> Result<Response<proto::ListApiKeysResponse>, Status> {
         let caller = self.caller(&request, Scope::Admin, "ListApiKeys").await?;
         let account = caller.list_account(&request.get_ref().account)?;
-        let rows = auth::list(&self.db, account.as_deref()).await.map_err(db_error)?;
+        let rows = store::list_api_keys(&self.db, account.as_deref()).await.map_err(db_error)?;
         Ok(Response::new(proto::ListApiKeysResponse { api_keys: rows.into_iter().map(key_to_proto).collect() }))
     }
 
@@ -667,7 +673,8 @@ impl Fleet for FleetApi {
         let caller = self.caller(&request, Scope::Admin, "RevokeApiKey").await?;
         let id = parse_id("id", &request.get_ref().id)?;
         caller.reach(&self.db, Owned::ApiKey, id).await?;
-        let row = auth::revoke(&self.db, id).await.map_err(db_error)?.ok_or_else(|| Owned::ApiKey.not_found(id))?;
+        let row =
+            store::revoke_api_key(&self.db, id).await.map_err(db_error)?.ok_or_else(|| Owned::ApiKey.not_found(id))?;
         tracing::info!(api_key_id = %id, by = %caller.principal, "API key revoked");
         Ok(Response::new(key_to_proto(row)))
     }

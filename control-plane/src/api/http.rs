@@ -27,58 +27,13 @@ use sqlx::PgPool;
 use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
+pub mod routes;
+
+pub use routes::{MAX_BODY, ROUTES, Route};
+
 use crate::{api::grpc::FleetApi, session::registry::Sessions, store};
 
-/// The largest request body the HTTP side reads.
-pub const MAX_BODY: usize = 1024 * 1024;
-
 type FleetService = flotilla::proto::fleet_server::FleetServer<FleetApi>;
-
-/// How an HTTP route maps onto an RPC.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub method: Method,
-    /// Segments in braces are fields of the request; `{id}:verb` matches `<id>:verb`.
-    pub path: &'static str,
-    pub rpc: &'static str,
-}
-
-const fn route(method: Method, path: &'static str, rpc: &'static str) -> Route {
-    Route { method, path, rpc }
-}
-
-/// Every HTTP route. GET and DELETE take their fields from the path and query; POST and
-/// PUT from the path and a JSON body.
-pub const ROUTES: &[Route] = &[
-    route(Method::GET, "/v1/droplets", "ListDroplets"),
-    route(Method::POST, "/v1/droplets", "CreateDroplet"),
-    route(Method::GET, "/v1/droplets/{id}", "GetDroplet"),
-    route(Method::DELETE, "/v1/droplets/{id}", "DeleteDroplet"),
-    route(Method::PUT, "/v1/droplets/{id}/labels", "UpdateDropletLabels"),
-    route(Method::GET, "/v1/droplets/{droplet_id}/deployments", "ListDeployments"),
-    route(Method::POST, "/v1/droplets/{droplet_id}/deployments", "CreateDeployment"),
-    route(Method::GET, "/v1/enrollment-tokens", "ListEnrollmentTokens"),
-    route(Method::POST, "/v1/enrollment-tokens", "CreateEnrollmentToken"),
-    route(Method::POST, "/v1/enrollment-tokens/{id}:revoke", "RevokeEnrollmentToken"),
-    route(Method::GET, "/v1/deployments", "ListDeployments"),
-    route(Method::GET, "/v1/deployments/{id}", "GetDeployment"),
-    route(Method::PUT, "/v1/deployments/{id}", "UpdateDeployment"),
-    route(Method::DELETE, "/v1/deployments/{id}", "RemoveDeployment"),
-    route(Method::POST, "/v1/deployments/{id}:start", "StartDeployment"),
-    route(Method::POST, "/v1/deployments/{id}:stop", "StopDeployment"),
-    route(Method::POST, "/v1/deployments/{id}:restart", "RestartDeployment"),
-    route(Method::POST, "/v1/deployments/{id}:check-health", "CheckDeploymentHealth"),
-    route(Method::GET, "/v1/deployments/{id}/container", "InspectDeployment"),
-    route(Method::GET, "/v1/deployments/{deployment_id}/tools", "ListTools"),
-    route(Method::GET, "/v1/deployments/{deployment_id}/logs", "TailLogs"),
-    route(Method::GET, "/v1/commands", "ListCommands"),
-    route(Method::GET, "/v1/commands/{id}", "GetCommand"),
-    route(Method::POST, "/v1/commands/{id}:wait", "WaitCommand"),
-    route(Method::GET, "/v1/events", "WatchEvents"),
-    route(Method::GET, "/v1/api-keys", "ListApiKeys"),
-    route(Method::POST, "/v1/api-keys", "CreateApiKey"),
-    route(Method::POST, "/v1/api-keys/{id}:revoke", "RevokeApiKey"),
-];
 
 /// The HTTP side of the API port.
 pub struct Http {
@@ -123,11 +78,18 @@ impl Http {
     }
 
     async fn metrics(&self) -> Response {
-        match crate::metrics::get().render(&self.db, self.sessions.len()).await {
-            Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        let (droplets, open) = match store::fleet_counts(&self.db).await {
+            Ok(counts) => counts,
             Err(err) => {
                 tracing::warn!(error = %err, "metrics: the database does not answer");
-                error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "the database does not answer")
+                return error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "the database does not answer");
+            }
+        };
+        match crate::metrics::get().render(droplets, &open, self.sessions.len()) {
+            Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+            Err(err) => {
+                tracing::error!(error = %err, "metrics: could not encode");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "the metrics could not be encoded")
             }
         }
     }
@@ -169,8 +131,7 @@ impl Http {
     /// Ready when the database answers and has every migration this binary knows.
     async fn readyz(&self) -> Response {
         let latest = store::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Result<Option<i64>, _> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&self.db).await;
+        let applied = store::applied_migration(&self.db).await;
         match applied {
             Ok(Some(version)) if version >= latest => axum::Json(json!({"status": "ready"})).into_response(),
             Ok(version) => error(

@@ -16,7 +16,7 @@ use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor, Me
 use prost_types::FileDescriptorProto;
 use serde_json::{Map, Value, json};
 
-use crate::api::http::{MAX_BODY, ROUTES, Route};
+use crate::api::http::routes::{MAX_BODY, ROUTES, Route};
 
 const UUID: &str = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
 const OPTIONAL_UUID: &str = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$";

@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use flotilla::{
     DropletId,
-    proto::{self, Command, CommandOptions, command},
+    proto::{self, Command, command},
 };
 use prost::Message as _;
 use sqlx::{PgConnection, PgPool};
@@ -40,22 +40,13 @@ pub struct Options {
     pub requested_by: String,
 }
 
-impl TryFrom<Option<CommandOptions>> for Options {
-    type Error = String;
-
-    fn try_from(options: Option<CommandOptions>) -> Result<Self, String> {
-        let options = options.unwrap_or_default();
-        let key = options.idempotency_key;
+impl Options {
+    /// Options with a checked idempotency key (empty: none).
+    pub fn new(idempotency_key: String, deadline: Option<DateTime<Utc>>) -> Result<Self, String> {
+        let key = idempotency_key;
         if key.len() > MAX_KEY || key.chars().any(char::is_control) {
             return Err(format!("options.idempotency_key: at most {MAX_KEY} characters, no control characters"));
         }
-        let deadline = match options.deadline {
-            None => None,
-            Some(t) => Some(
-                DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-                    .ok_or("options.deadline: not a valid instant")?,
-            ),
-        };
         Ok(Self { idempotency_key: Some(key).filter(|k| !k.is_empty()), deadline, requested_by: String::new() })
     }
 }

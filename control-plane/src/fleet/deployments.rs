@@ -4,6 +4,7 @@
 //! Delivery here is best effort over the live session; the durable command ledger
 //! (commands as rows, re-sent after reconnects, applied once) replaces it.
 
+use chrono::{DateTime, Utc};
 use flotilla::{
     DropletId,
     proto::{self, ContainerStatus, Deploy, command},
@@ -15,7 +16,7 @@ use uuid::Uuid;
 use crate::{
     fleet::Fleet,
     fleet::commands::{self, Options},
-    store,
+    store::{self, DesiredState},
 };
 
 fn seal_context(id: Uuid) -> Vec<u8> {
@@ -47,6 +48,26 @@ pub enum Verb {
     Stop { grace: Option<prost_types::Duration> },
     Restart { grace: Option<prost_types::Duration> },
     Remove { volumes: bool },
+}
+
+/// A deployment as the fleet shows it: its spec with every secret masked, the last
+/// report of its container, and its newest command.
+#[derive(Debug, Clone)]
+pub struct DeploymentView {
+    /// `None` for a deployment only checked (`validate`), never stored.
+    pub id: Option<Uuid>,
+    pub droplet: Uuid,
+    pub account: String,
+    pub name: String,
+    pub generation: u64,
+    pub desired: Option<DesiredState>,
+    pub spec: proto::DeploymentSpec,
+    pub container: Option<ContainerStatus>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub last_error: String,
+    pub failed: bool,
+    pub last_command: Option<Uuid>,
 }
 
 /// Host ports `spec` publishes that another live deployment on the droplet already
@@ -97,12 +118,12 @@ pub async fn lifecycle(
     id: Uuid,
     verb: Verb,
     options: &Options,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let (desired, retry, kind_name) = match verb {
-        Verb::Start => ("running", true, "start"),
-        Verb::Restart { .. } => ("running", true, "restart"),
-        Verb::Stop { .. } => ("stopped", false, "stop"),
-        Verb::Remove { .. } => ("removed", false, "remove"),
+        Verb::Start => (DesiredState::Running, true, "start"),
+        Verb::Restart { .. } => (DesiredState::Running, true, "restart"),
+        Verb::Stop { .. } => (DesiredState::Stopped, false, "stop"),
+        Verb::Remove { .. } => (DesiredState::Removed, false, "remove"),
     };
     let droplet = store::get_deployment(&fleet.db, id).await?.ok_or(DeploymentError::NotFound(id))?.droplet_id;
     let mut tx = match begin(fleet, droplet, options, DeploymentError::NotFound(id)).await? {
@@ -163,7 +184,7 @@ async fn repeat(
     earlier: &store::CommandRow,
     deployment: Option<Uuid>,
     kind: &str,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let Some(made) = earlier.deployment_id.filter(|d| earlier.kind == kind && deployment.is_none_or(|id| id == *d))
     else {
         return Err(DeploymentError::KeyReused);
@@ -172,9 +193,9 @@ async fn repeat(
 }
 
 /// The deployment as an answer to the call that issued `command`.
-async fn answer(fleet: &Fleet, id: Uuid, command: Uuid) -> Result<proto::Deployment, DeploymentError> {
+async fn answer(fleet: &Fleet, id: Uuid, command: Uuid) -> Result<DeploymentView, DeploymentError> {
     let mut deployment = get(fleet, id).await?;
-    deployment.last_command_id = command.to_string();
+    deployment.last_command = Some(command);
     Ok(deployment)
 }
 
@@ -185,7 +206,7 @@ pub async fn update(
     id: Uuid,
     spec: proto::DeploymentSpec,
     options: &Options,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let row = store::get_deployment(&fleet.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
     let droplet = DropletId::from_uuid(row.droplet_id);
     let mut tx = match begin(fleet, droplet.as_uuid(), options, DeploymentError::NotFound(id)).await? {
@@ -194,7 +215,7 @@ pub async fn update(
     };
     // Read again under the lock: the generation to follow is the latest.
     let row = store::get_deployment(&mut *tx, id).await?.ok_or(DeploymentError::NotFound(id))?;
-    if row.desired_state == "removed" {
+    if row.is_removed() {
         return Err(DeploymentError::Removed(id));
     }
     let spec = keep_masked_secrets(spec, &spec_of(fleet, &row)?);
@@ -244,7 +265,7 @@ pub async fn create(
     name: &str,
     spec: proto::DeploymentSpec,
     options: &Options,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let validated = DeploymentSpec::try_from(spec.clone())?;
     let mut tx = match begin(fleet, droplet.as_uuid(), options, DeploymentError::NoDroplet(droplet.as_uuid())).await? {
         Begun::Fresh(tx) => tx,
@@ -260,8 +281,8 @@ pub async fn create(
     let deploy = Deploy { deployment_id: id.to_string(), generation: 1, spec: None };
     let command = commands::issue(&mut tx, droplet.as_uuid(), Some(id), command::Kind::Deploy(deploy), options).await?;
     tx.commit().await?;
-    let mut deployment = to_proto(fleet, row, None)?;
-    deployment.last_command_id = command.id.to_string();
+    let mut deployment = view(fleet, row, None)?;
+    deployment.last_command = Some(command.id);
     Ok(deployment)
 }
 
@@ -272,25 +293,27 @@ pub async fn validate(
     droplet: DropletId,
     name: &str,
     spec: proto::DeploymentSpec,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let validated = DeploymentSpec::try_from(spec.clone())?;
     let mut tx = fleet.db.begin().await?;
-    let account: Option<String> =
-        sqlx::query_scalar("SELECT account FROM droplets WHERE id = $1 AND status <> 'deleting'")
-            .bind(droplet.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let account = store::account_unless_deleting(&mut *tx, droplet.as_uuid()).await?;
     let account = account.ok_or(DeploymentError::NoDroplet(droplet.as_uuid()))?;
     host_port_conflicts(fleet, &mut tx, droplet, Uuid::nil(), &validated).await?;
     tx.rollback().await?;
-    Ok(proto::Deployment {
-        droplet_id: droplet.to_string(),
+    Ok(DeploymentView {
+        id: None,
+        droplet: droplet.as_uuid(),
         account,
         name: name.to_owned(),
         generation: 1,
-        desired_state: proto::deployment::DesiredState::Running as i32,
-        spec: Some(mask(spec)),
-        ..Default::default()
+        desired: Some(DesiredState::Running),
+        spec: mask(spec),
+        container: None,
+        created_at: None,
+        updated_at: None,
+        last_error: String::new(),
+        failed: false,
+        last_command: None,
     })
 }
 
@@ -304,7 +327,7 @@ pub async fn spec_for(
     let Some(row) = store::get_deployment(&fleet.db, id).await? else {
         return Ok(Err("its deployment was deleted".into()));
     };
-    if row.desired_state == "removed" {
+    if row.is_removed() {
         return Ok(Err("its deployment was removed".into()));
     }
     if u64::try_from(row.generation).ok() != Some(generation) {
@@ -314,63 +337,40 @@ pub async fn spec_for(
 }
 
 /// The tools the deployment's MCP server listed the last time the probe reached it.
-pub async fn tools(fleet: &Fleet, id: Uuid) -> Result<proto::ListToolsResponse, DeploymentError> {
+pub async fn tools(fleet: &Fleet, id: Uuid) -> Result<Option<store::McpServerTools>, DeploymentError> {
     store::get_deployment(&fleet.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
-    let Some(((name, version, at), tools)) = store::mcp_tools(&fleet.db, id).await? else {
-        return Ok(proto::ListToolsResponse::default());
-    };
-    Ok(proto::ListToolsResponse {
-        server_name: name,
-        server_version: version,
-        tools: tools
-            .into_iter()
-            .map(|(name, description, schema)| proto::McpTool {
-                name,
-                description,
-                input_schema_json: schema.0.to_string(),
-            })
-            .collect(),
-        discovered_at: Some(crate::api::convert::timestamp(at)),
-    })
+    Ok(store::mcp_tools(&fleet.db, id).await?)
 }
 
-pub async fn get(fleet: &Fleet, id: Uuid) -> Result<proto::Deployment, DeploymentError> {
+pub async fn get(fleet: &Fleet, id: Uuid) -> Result<DeploymentView, DeploymentError> {
     let row = store::get_deployment(&fleet.db, id).await?.ok_or(DeploymentError::NotFound(id))?;
     let container =
         store::container_status(&fleet.db, id).await?.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
-    let mut deployment = to_proto(fleet, row, container)?;
-    deployment.last_command_id =
-        store::last_command_of_deployment(&fleet.db, id).await?.map(|c| c.to_string()).unwrap_or_default();
+    let mut deployment = view(fleet, row, container)?;
+    deployment.last_command = store::last_command_of_deployment(&fleet.db, id).await?;
     Ok(deployment)
 }
 
-fn to_proto(
+fn view(
     fleet: &Fleet,
     row: store::DeploymentRow,
     container: Option<ContainerStatus>,
-) -> Result<proto::Deployment, DeploymentError> {
+) -> Result<DeploymentView, DeploymentError> {
     let spec = spec_of(fleet, &row)?;
-    use proto::deployment::DesiredState as D;
-    let desired = match row.desired_state.as_str() {
-        "running" => D::Running,
-        "stopped" => D::Stopped,
-        "removed" => D::Removed,
-        _ => D::Unspecified,
-    };
-    Ok(proto::Deployment {
-        id: row.id.to_string(),
-        droplet_id: row.droplet_id.to_string(),
+    Ok(DeploymentView {
+        id: Some(row.id),
+        droplet: row.droplet_id,
+        desired: row.desired(),
         account: row.account,
         name: row.name,
         generation: u64::try_from(row.generation).unwrap_or(0),
-        desired_state: desired as i32,
-        spec: Some(mask(spec)),
+        spec: mask(spec),
         container,
-        created_at: Some(crate::api::convert::timestamp(row.created_at)),
-        updated_at: Some(crate::api::convert::timestamp(row.updated_at)),
+        created_at: Some(row.created_at),
+        updated_at: Some(row.updated_at),
         last_error: row.last_error,
         failed: row.failed,
-        last_command_id: String::new(),
+        last_command: None,
     })
 }
 
@@ -491,51 +491,17 @@ mod tests {
     }
 }
 
-/// A deployment as listed: its row, the container's last report, its newest command.
-#[derive(sqlx::FromRow)]
-struct Listed {
-    #[sqlx(flatten)]
-    row: store::DeploymentRow,
-    container: Option<Vec<u8>>,
-    last_command: Option<Uuid>,
-}
-
 /// Which deployments `list` returns.
-#[derive(Debug, Default)]
-pub struct Filter {
-    pub droplet: Option<Uuid>,
-    pub account: Option<String>,
-    pub include_removed: bool,
-    /// Keyset position: deployments ordered by id after this one.
-    pub after: Option<Uuid>,
-    pub limit: i64,
-}
+pub type Filter = store::DeploymentFilter;
 
 /// Deployments in id order, each with its container and newest command, in one query.
-pub async fn list(fleet: &Fleet, filter: &Filter) -> Result<Vec<proto::Deployment>, DeploymentError> {
-    let rows: Vec<Listed> = sqlx::query_as(
-        "SELECT d.*, c.status AS container,
-                (SELECT id FROM commands WHERE deployment_id = d.id ORDER BY seq DESC LIMIT 1) AS last_command
-         FROM deployments d LEFT JOIN containers c ON c.deployment_id = d.id
-         WHERE ($1::uuid IS NULL OR d.droplet_id = $1)
-           AND ($2::text IS NULL OR d.account = $2)
-           AND ($3 OR d.desired_state <> 'removed')
-           AND ($4::uuid IS NULL OR d.id > $4)
-         ORDER BY d.id
-         LIMIT $5",
-    )
-    .bind(filter.droplet)
-    .bind(filter.account.as_deref())
-    .bind(filter.include_removed)
-    .bind(filter.after)
-    .bind(filter.limit)
-    .fetch_all(&fleet.db)
-    .await?;
+pub async fn list(fleet: &Fleet, filter: &Filter) -> Result<Vec<DeploymentView>, DeploymentError> {
+    let rows = store::list_deployments(&fleet.db, filter).await?;
     rows.into_iter()
         .map(|listed| {
             let container = listed.container.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
-            let mut deployment = to_proto(fleet, listed.row, container)?;
-            deployment.last_command_id = listed.last_command.map(|c| c.to_string()).unwrap_or_default();
+            let mut deployment = view(fleet, listed.row, container)?;
+            deployment.last_command = listed.last_command;
             Ok(deployment)
         })
         .collect()

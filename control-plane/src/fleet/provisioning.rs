@@ -67,14 +67,6 @@ impl Providers {
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct Job {
-    droplet_id: Uuid,
-    kind: String,
-    attempts: i32,
-    deadline: Option<DateTime<Utc>>,
-}
-
 /// A new droplet of `provider`, `provisioning`, with its create job. Returns the row.
 pub async fn begin_create(
     db: &PgPool,
@@ -83,58 +75,13 @@ pub async fn begin_create(
     labels: &std::collections::BTreeMap<String, String>,
     timeout: Duration,
 ) -> sqlx::Result<store::DropletRow> {
-    let id = DropletId::new().as_uuid();
-    let mut tx = db.begin().await?;
-    let row: store::DropletRow = sqlx::query_as(
-        "INSERT INTO droplets (id, account, status, provider, labels) VALUES ($1, $2, 'provisioning', $3, $4)
-         RETURNING *",
-    )
-    .bind(id)
-    .bind(account)
-    .bind(provider)
-    .bind(sqlx::types::Json(labels))
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query("INSERT INTO provisioning_jobs (droplet_id, kind, deadline) VALUES ($1, 'create', now() + $2)")
-        .bind(id)
-        .bind(timeout)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(row)
+    store::insert_provisioning_droplet(db, DropletId::new().as_uuid(), account, provider, labels, timeout).await
 }
 
 /// Revokes the droplet's certificates (its session closes everywhere), marks it
 /// `deleting` and leaves the job that destroys its machine. Returns the revoked serials.
 pub async fn begin_delete(db: &PgPool, id: Uuid) -> sqlx::Result<Vec<String>> {
-    let mut tx = db.begin().await?;
-    sqlx::query("UPDATE droplets SET status = 'deleting', status_message = 'destroying its machine' WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    let revoked = store::revoke_certificates(&mut tx, &store::Revoke::Droplet(id)).await?;
-    revoke_tokens(&mut tx, id).await?;
-    sqlx::query(
-        "INSERT INTO provisioning_jobs (droplet_id, kind) VALUES ($1, 'delete')
-         ON CONFLICT (droplet_id) DO UPDATE SET kind = 'delete', attempts = 0, not_before = now(),
-             owner = NULL, lease_until = NULL, last_error = '', deadline = NULL",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(revoked.into_iter().map(|(serial, _)| serial).collect())
-}
-
-async fn revoke_tokens(conn: &mut sqlx::PgConnection, droplet: Uuid) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE enrollment_tokens SET revoked_at = now()
-         WHERE droplet_id = $1 AND used_at IS NULL AND revoked_at IS NULL",
-    )
-    .bind(droplet)
-    .execute(conn)
-    .await?;
-    Ok(())
+    store::begin_droplet_delete(db, id).await
 }
 
 /// Takes due jobs and works them until `stop`.
@@ -143,7 +90,7 @@ pub fn spawn(fleet: &Fleet, stop: &CancellationToken, tasks: &mut JoinSet<()>) {
     tasks.spawn(async move {
         let mut running = JoinSet::new();
         loop {
-            match claim(&fleet.db, fleet.replica).await {
+            match store::claim_job(&fleet.db, fleet.replica, LEASE).await {
                 Ok(Some(job)) => {
                     let (fleet, stop) = (fleet.clone(), stop.clone());
                     running.spawn(async move { work(&fleet, job, &stop).await });
@@ -163,21 +110,6 @@ pub fn spawn(fleet: &Fleet, stop: &CancellationToken, tasks: &mut JoinSet<()>) {
     });
 }
 
-async fn claim(db: &PgPool, replica: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE provisioning_jobs SET owner = $1, lease_until = now() + $2, attempts = attempts + 1
-         WHERE droplet_id = (
-             SELECT droplet_id FROM provisioning_jobs
-             WHERE not_before <= now() AND (lease_until IS NULL OR lease_until < now())
-             ORDER BY not_before LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING droplet_id, kind, attempts, deadline",
-    )
-    .bind(replica)
-    .bind(LEASE)
-    .fetch_optional(db)
-    .await
-}
-
 /// What a step ended with.
 enum Outcome {
     Done,
@@ -187,7 +119,7 @@ enum Outcome {
     Failed(String),
 }
 
-async fn work(fleet: &Fleet, job: Job, stop: &CancellationToken) {
+async fn work(fleet: &Fleet, job: store::Job, stop: &CancellationToken) {
     let droplet = job.droplet_id;
     // Keeps the lease while the step runs.
     let renew = {
@@ -195,15 +127,7 @@ async fn work(fleet: &Fleet, job: Job, stop: &CancellationToken) {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                let renewed = sqlx::query(
-                    "UPDATE provisioning_jobs SET lease_until = now() + $3 WHERE droplet_id = $1 AND owner = $2",
-                )
-                .bind(droplet)
-                .bind(replica)
-                .bind(LEASE)
-                .execute(&db)
-                .await;
-                if let Err(error) = renewed {
+                if let Err(error) = store::renew_lease(&db, droplet, replica, LEASE).await {
                     tracing::warn!(%error, droplet_id = %droplet, "could not renew a provisioning lease");
                 }
             }
@@ -223,62 +147,21 @@ async fn work(fleet: &Fleet, job: Job, stop: &CancellationToken) {
     }
 }
 
-async fn record(fleet: &Fleet, job: &Job, outcome: Outcome) -> sqlx::Result<()> {
+async fn record(fleet: &Fleet, job: &store::Job, outcome: Outcome) -> sqlx::Result<()> {
     let droplet = job.droplet_id;
     match outcome {
-        Outcome::Done => {
-            sqlx::query("DELETE FROM provisioning_jobs WHERE droplet_id = $1 AND owner = $2")
-                .bind(droplet)
-                .bind(fleet.replica)
-                .execute(&fleet.db)
-                .await?;
-        }
+        Outcome::Done => store::finish_job(&fleet.db, droplet, fleet.replica).await,
         Outcome::Retry(why) => {
             let delay = RETRY.delay(u32::try_from(job.attempts).unwrap_or(0)).max(Duration::from_secs(1));
             tracing::warn!(droplet_id = %droplet, kind = %job.kind, %why, ?delay, "provisioning step failed; retrying");
-            let mut tx = fleet.db.begin().await?;
-            sqlx::query(
-                "UPDATE provisioning_jobs SET owner = NULL, lease_until = NULL, last_error = $2,
-                     not_before = now() + $3 WHERE droplet_id = $1",
-            )
-            .bind(droplet)
-            .bind(&why)
-            .bind(delay)
-            .execute(&mut *tx)
-            .await?;
             let shown = format!("{}: {why}; retrying", if job.kind == "delete" { "destroying" } else { "creating" });
-            sqlx::query("UPDATE droplets SET status_message = $2 WHERE id = $1")
-                .bind(droplet)
-                .bind(shown)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            store::retry_job(&fleet.db, droplet, &why, delay, &shown).await
         }
         Outcome::Failed(why) => {
             tracing::warn!(droplet_id = %droplet, %why, "provisioning failed; cleaning up");
-            let mut tx = fleet.db.begin().await?;
-            sqlx::query(
-                "UPDATE droplets SET status = 'error', status_message = $2 WHERE id = $1 AND status = 'provisioning'",
-            )
-            .bind(droplet)
-            .bind(&why)
-            .execute(&mut *tx)
-            .await?;
-            revoke_tokens(&mut tx, droplet).await?;
-            // What was made is destroyed by a delete job, which leaves the row: the droplet
-            // stays visible as `error` until an operator deletes it.
-            sqlx::query(
-                "UPDATE provisioning_jobs SET kind = 'delete', owner = NULL, lease_until = NULL, attempts = 0,
-                     not_before = now(), last_error = $2, deadline = NULL WHERE droplet_id = $1",
-            )
-            .bind(droplet)
-            .bind(&why)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            store::fail_create_job(&fleet.db, droplet, &why).await
         }
     }
-    Ok(())
 }
 
 fn provider_outcome(what: &str, error: ProviderError) -> Outcome {
@@ -289,7 +172,7 @@ fn provider_outcome(what: &str, error: ProviderError) -> Outcome {
     }
 }
 
-async fn step(fleet: &Fleet, job: &Job) -> sqlx::Result<Outcome> {
+async fn step(fleet: &Fleet, job: &store::Job) -> sqlx::Result<Outcome> {
     let Some(row) = store::get_droplet(&fleet.db, job.droplet_id).await? else { return Ok(Outcome::Done) };
     let Some(provider) = fleet.providers.get(&row.provider).cloned() else {
         return Ok(match row.provider.as_str() {
@@ -327,7 +210,7 @@ async fn destroy(fleet: &Fleet, provider: &dyn Provider, row: &store::DropletRow
     if row.status == "deleting" {
         store::delete_droplet(&fleet.db, row.id).await?;
     } else {
-        sqlx::query("UPDATE droplets SET cloud_id = NULL WHERE id = $1").bind(row.id).execute(&fleet.db).await?;
+        store::set_cloud_id(&fleet.db, row.id, None).await?;
     }
     Ok(Outcome::Done)
 }
@@ -342,7 +225,12 @@ impl Outcome {
     }
 }
 
-async fn create(fleet: &Fleet, provider: &dyn Provider, row: &store::DropletRow, job: &Job) -> sqlx::Result<Outcome> {
+async fn create(
+    fleet: &Fleet,
+    provider: &dyn Provider,
+    row: &store::DropletRow,
+    job: &store::Job,
+) -> sqlx::Result<Outcome> {
     let droplet = DropletId::from_uuid(row.id);
     match row.status.as_str() {
         "provisioning" => {}
@@ -367,11 +255,7 @@ async fn create(fleet: &Fleet, provider: &dyn Provider, row: &store::DropletRow,
                     Err(outcome) => return Ok(outcome),
                 },
             };
-            sqlx::query("UPDATE droplets SET cloud_id = $2, status_message = 'booting' WHERE id = $1")
-                .bind(row.id)
-                .bind(&id.0)
-                .execute(&fleet.db)
-                .await?;
+            store::set_cloud_id(&fleet.db, row.id, Some(&id.0)).await?;
             id
         }
     };
@@ -380,28 +264,14 @@ async fn create(fleet: &Fleet, provider: &dyn Provider, row: &store::DropletRow,
         Err(error) => return Ok(provider_outcome("waiting for the machine", error)),
     };
     let ip = |a: Option<std::net::Ipv4Addr>| a.map(|a| a.to_string()).unwrap_or_default();
-    sqlx::query(
-        "UPDATE droplets SET public_ipv4 = $2, private_ipv4 = $3, status_message = 'waiting for its agent'
-         WHERE id = $1 AND status = 'provisioning'",
-    )
-    .bind(row.id)
-    .bind(ip(addresses.public_ipv4))
-    .bind(ip(addresses.private_ipv4))
-    .execute(&fleet.db)
-    .await?;
+    store::set_addresses(&fleet.db, row.id, &ip(addresses.public_ipv4), &ip(addresses.private_ipv4)).await?;
     // The agent enrolls and connects; its `Hello` makes the droplet `online`.
     loop {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM droplets WHERE id = $1")
-            .bind(row.id)
-            .fetch_optional(&fleet.db)
-            .await?;
+        let status = store::droplet_status(&fleet.db, row.id).await?;
         match status.as_deref() {
             Some("provisioning") => {}
             Some("online") => {
-                sqlx::query("UPDATE droplets SET status_message = '' WHERE id = $1")
-                    .bind(row.id)
-                    .execute(&fleet.db)
-                    .await?;
+                store::clear_status_message(&fleet.db, row.id).await?;
                 tracing::info!(droplet_id = %droplet, "provisioned droplet is online");
                 return Ok(Outcome::Done);
             }

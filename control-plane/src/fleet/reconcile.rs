@@ -55,19 +55,20 @@ fn correction(
     let id = row.id.to_string();
     let generation = u64::try_from(row.generation).unwrap_or(0);
     let present = observed.filter(|c| c.state() != ContainerState::Removed && !c.container_id.is_empty());
+    use crate::store::DesiredState::{Removed, Running, Stopped};
     let deploy = |why: String| {
         let deploy = proto::Deploy { deployment_id: id.clone(), generation, spec: None };
         Some((command::Kind::Deploy(deploy), why))
     };
-    match (row.desired_state.as_str(), present) {
-        ("running", None) => deploy(format!("no container runs generation {generation}: creating it")),
-        ("running", Some(c)) if c.generation < generation => {
+    match (row.desired(), present) {
+        (Some(Running), None) => deploy(format!("no container runs generation {generation}: creating it")),
+        (Some(Running), Some(c)) if c.generation < generation => {
             deploy(format!("generation {} runs, {generation} is wanted: replacing it", c.generation))
         }
         // Exited cleanly or by a stop signal (137, 143): nobody will start it but us. Any
         // other exit code is the engine's restart policy's to handle, and past its cap a
         // crash loop, which marks the deployment failed.
-        ("running", Some(c))
+        (Some(Running), Some(c))
             if matches!(c.state(), ContainerState::Exited | ContainerState::Created)
                 && matches!(c.exit_code, None | Some(0 | 137 | 143))
                 && restarts_on_its_own =>
@@ -75,11 +76,11 @@ fn correction(
             let why = format!("the container is {} but should run: starting it", c.state().as_str_name());
             Some((command::Kind::Start(proto::Start { deployment_id: id }), why))
         }
-        ("stopped", Some(c)) if matches!(c.state(), ContainerState::Running | ContainerState::Restarting) => {
+        (Some(Stopped), Some(c)) if matches!(c.state(), ContainerState::Running | ContainerState::Restarting) => {
             let stop = proto::Stop { deployment_id: id, grace: None };
             Some((command::Kind::Stop(stop), "the container runs but should be stopped: stopping it".into()))
         }
-        ("removed", Some(_)) => {
+        (Some(Removed), Some(_)) => {
             let remove = proto::Remove { deployment_id: id, remove_volumes: false };
             Some((command::Kind::Remove(remove), "the deployment was removed but its container remains".into()))
         }
@@ -91,11 +92,7 @@ fn correction(
 /// failed commands, or its newest command expired (its deadline said "not after then";
 /// the next change asked for lifts that).
 async fn holding_off(conn: &mut PgConnection, deployment: Uuid) -> sqlx::Result<bool> {
-    let recent: Vec<(String, Option<chrono::DateTime<Utc>>)> =
-        sqlx::query_as("SELECT state, finished_at FROM commands WHERE deployment_id = $1 ORDER BY seq DESC LIMIT 12")
-            .bind(deployment)
-            .fetch_all(conn)
-            .await?;
+    let recent = store::recent_command_states(conn, deployment, 12).await?;
     if recent.first().is_some_and(|(state, _)| state == "expired") {
         return Ok(true);
     }
@@ -112,10 +109,7 @@ pub async fn droplet(fleet: &Fleet, droplet: DropletId, inventory: Option<&[Cont
     if store::lock_droplet(&mut tx, droplet.as_uuid()).await?.is_none() {
         return Ok(0);
     }
-    let deployments: Vec<DeploymentRow> = sqlx::query_as("SELECT * FROM deployments WHERE droplet_id = $1")
-        .bind(droplet.as_uuid())
-        .fetch_all(&mut *tx)
-        .await?;
+    let deployments = store::deployments_of(&mut *tx, droplet.as_uuid()).await?;
     let observed: HashMap<Uuid, ContainerStatus> = match inventory {
         Some(inventory) => {
             let mut newest: HashMap<Uuid, ContainerStatus> = HashMap::new();
@@ -128,20 +122,11 @@ pub async fn droplet(fleet: &Fleet, droplet: DropletId, inventory: Option<&[Cont
             newest
         }
         None => {
-            let rows: Vec<(Uuid, Vec<u8>)> =
-                sqlx::query_as("SELECT deployment_id, status FROM containers WHERE droplet_id = $1")
-                    .bind(droplet.as_uuid())
-                    .fetch_all(&mut *tx)
-                    .await?;
+            let rows = store::reported_containers(&mut *tx, droplet.as_uuid()).await?;
             rows.into_iter().filter_map(|(id, b)| ContainerStatus::decode(b.as_slice()).ok().map(|c| (id, c))).collect()
         }
     };
-    let open: Vec<Option<Uuid>> = sqlx::query_scalar(
-        "SELECT deployment_id FROM commands WHERE droplet_id = $1 AND state IN ('queued', 'sent', 'acked')",
-    )
-    .bind(droplet.as_uuid())
-    .fetch_all(&mut *tx)
-    .await?;
+    let open = store::deployments_with_open_commands(&mut *tx, droplet.as_uuid()).await?;
     let options = Options { requested_by: "reconciler".into(), ..Options::default() };
     let mut issued = 0;
     for row in &deployments {
@@ -179,17 +164,7 @@ pub async fn droplet(fleet: &Fleet, droplet: DropletId, inventory: Option<&[Cont
 }
 
 async fn record(conn: &mut PgConnection, row: &DeploymentRow, message: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO events (account, droplet_id, deployment_id, kind, message)
-         VALUES ($1, $2, $3, 'reconcile', $4)",
-    )
-    .bind(&row.account)
-    .bind(row.droplet_id)
-    .bind(row.id)
-    .bind(message)
-    .execute(conn)
-    .await?;
-    Ok(())
+    store::insert_event(conn, &row.account, Some(row.droplet_id), Some(row.id), "reconcile", message).await
 }
 
 /// Sweeps the droplets `connected` names (those with a session here) every `interval`.

@@ -211,7 +211,7 @@ impl Authorities {
     /// starts at once on an empty database ends up with the same single CA.
     pub async fn load_or_create(db: &PgPool, master: &MasterKey) -> anyhow::Result<(Self, bool)> {
         let mut tx = db.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CA_LOCK).execute(&mut *tx).await?;
+        store::advisory_lock(&mut tx, CA_LOCK).await?;
         let mut rows = store::authorities_in_service(&mut tx).await?;
         let created = !rows.iter().any(|r| r.state == "active");
         if created {
@@ -233,7 +233,7 @@ impl Authorities {
     /// Stages a new CA: trusted from the next start of each control plane, not yet signing.
     pub async fn stage_next(db: &PgPool, master: &MasterKey) -> anyhow::Result<Uuid> {
         let mut tx = db.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CA_LOCK).execute(&mut *tx).await?;
+        store::advisory_lock(&mut tx, CA_LOCK).await?;
         if store::authorities_in_service(&mut tx).await?.iter().any(|r| r.state == "next") {
             anyhow::bail!("a next CA is already staged: activate it (`ca activate`) first");
         }
@@ -245,7 +245,7 @@ impl Authorities {
     /// Makes the staged CA the signing one; the old one keeps being trusted (retiring).
     pub async fn activate_next(db: &PgPool) -> anyhow::Result<Uuid> {
         let mut tx = db.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CA_LOCK).execute(&mut *tx).await?;
+        store::advisory_lock(&mut tx, CA_LOCK).await?;
         let rows = store::authorities_in_service(&mut tx).await?;
         let next = rows.iter().find(|r| r.state == "next").context("no CA is staged: run `ca stage` first")?;
         store::set_authority_state(&mut tx, "active", "retiring").await?;
@@ -257,7 +257,7 @@ impl Authorities {
     /// Stops trusting the retiring CA. Droplets still holding its certificates are cut off.
     pub async fn retire(db: &PgPool) -> anyhow::Result<Option<Uuid>> {
         let mut tx = db.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CA_LOCK).execute(&mut *tx).await?;
+        store::advisory_lock(&mut tx, CA_LOCK).await?;
         let retiring = store::authorities_in_service(&mut tx).await?.into_iter().find(|r| r.state == "retiring");
         store::set_authority_state(&mut tx, "retiring", "retired").await?;
         tx.commit().await?;

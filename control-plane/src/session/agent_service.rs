@@ -24,7 +24,6 @@ use crate::{
     session::accept::AgentPeer,
     session::delivery,
     session::registry::{Beat, Outbound},
-    session::replicas,
     session::requests::AfterChunk,
     store::{self, Claim, DropletStatus},
 };
@@ -153,7 +152,7 @@ impl Session {
         match claimed {
             Ok(Claim::Held) => {
                 // A session of this droplet on another replica is closed by that replica.
-                if let Err(error) = replicas::announce(&self.agents.db(), droplet, self.session_id).await {
+                if let Err(error) = store::announce_session(self.agents.db(), droplet, self.session_id).await {
                     tracing::warn!(%error, "could not announce the session to the other replicas");
                 }
             }

@@ -27,7 +27,6 @@ use uuid::Uuid;
 use crate::{
     session::Agents,
     session::registry::{RequestError, Sessions},
-    session::replicas,
     session::requests::{LogItem, Waiter, log_queue},
     store,
 };
@@ -43,7 +42,7 @@ fn parse(field: &str, value: &str) -> Result<Uuid, Status> {
 /// The droplet a deployment runs on.
 async fn droplet_of(agents: &Agents, deployment: Uuid) -> Result<DropletId, Status> {
     match store::get_deployment(agents.db(), deployment).await {
-        Ok(Some(row)) if row.desired_state == "removed" => {
+        Ok(Some(row)) if row.is_removed() => {
             Err(Status::failed_precondition(format!("deployment {deployment} was removed")))
         }
         Ok(Some(row)) => Ok(DropletId::from_uuid(row.droplet_id)),
@@ -109,7 +108,7 @@ async fn holder(agents: &Agents, droplet: DropletId, origin: &Origin) -> Result<
     if origin.forwarded {
         return Err(not_connected());
     }
-    let address = match replicas::holder_api(agents.db(), droplet, agents.replica).await {
+    let address = match store::holder_api(agents.db(), droplet, agents.replica).await {
         Ok(Some(address)) => address,
         Ok(None) => return Err(not_connected()),
         Err(error) => {

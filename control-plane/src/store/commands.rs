@@ -316,3 +316,26 @@ pub async fn mark_sent(db: &PgPool, ids: &[Uuid], droplet: Uuid, session: Uuid) 
     tx.commit().await?;
     Ok(marked)
 }
+
+/// The states of a deployment's newest commands, newest first, with when each finished.
+pub async fn recent_command_states(
+    conn: &mut PgConnection,
+    deployment: Uuid,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, Option<DateTime<Utc>>)>> {
+    sqlx::query_as("SELECT state, finished_at FROM commands WHERE deployment_id = $1 ORDER BY seq DESC LIMIT $2")
+        .bind(deployment)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
+/// The deployments of a droplet that have an open command (`None` for commands of none).
+pub async fn deployments_with_open_commands(conn: &mut PgConnection, droplet: Uuid) -> sqlx::Result<Vec<Option<Uuid>>> {
+    sqlx::query_scalar(
+        "SELECT deployment_id FROM commands WHERE droplet_id = $1 AND state IN ('queued', 'sent', 'acked')",
+    )
+    .bind(droplet)
+    .fetch_all(conn)
+    .await
+}

@@ -4,6 +4,33 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// What a deployment is to be doing, stored as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    Removed,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Stopped => "stopped",
+            DesiredState::Removed => "removed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "running" => Some(DesiredState::Running),
+            "stopped" => Some(DesiredState::Stopped),
+            "removed" => Some(DesiredState::Removed),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeploymentRow {
     pub id: Uuid,
@@ -17,6 +44,17 @@ pub struct DeploymentRow {
     pub failed: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl DeploymentRow {
+    /// The desired state; `None` only if the column holds a value this binary does not know.
+    pub fn desired(&self) -> Option<DesiredState> {
+        DesiredState::parse(&self.desired_state)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.desired() == Some(DesiredState::Removed)
+    }
 }
 
 /// The droplet gave up on a deployment (crash-looping past its cap).
@@ -59,7 +97,7 @@ pub async fn insert_deployment(
 pub async fn set_desired_state(
     db: impl sqlx::PgExecutor<'_>,
     id: Uuid,
-    desired: &str,
+    desired: DesiredState,
     retry: bool,
 ) -> sqlx::Result<Option<DeploymentRow>> {
     sqlx::query_as(
@@ -69,7 +107,7 @@ pub async fn set_desired_state(
          RETURNING *",
     )
     .bind(id)
-    .bind(desired)
+    .bind(desired.as_str())
     .bind(retry)
     .fetch_optional(db)
     .await
@@ -187,25 +225,36 @@ pub async fn record_mcp_server(
     tx.commit().await
 }
 
-/// The deployment's MCP server (name, version, discovered at) and its tools, by name.
-#[allow(clippy::type_complexity)]
-pub async fn mcp_tools(
-    db: &PgPool,
-    deployment: Uuid,
-) -> sqlx::Result<Option<((String, String, DateTime<Utc>), Vec<(String, String, sqlx::types::Json<serde_json::Value>)>)>>
-{
+/// What the probe last found of a deployment's MCP server.
+#[derive(Debug, Clone)]
+pub struct McpServerTools {
+    pub name: String,
+    pub version: String,
+    pub discovered_at: DateTime<Utc>,
+    pub tools: Vec<McpToolRow>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct McpToolRow {
+    pub name: String,
+    pub description: String,
+    pub input_schema: sqlx::types::Json<serde_json::Value>,
+}
+
+/// The deployment's MCP server and its tools, by name; `None` before the probe found one.
+pub async fn mcp_tools(db: &PgPool, deployment: Uuid) -> sqlx::Result<Option<McpServerTools>> {
     let server: Option<(String, String, DateTime<Utc>)> =
         sqlx::query_as("SELECT name, version, discovered_at FROM mcp_servers WHERE deployment_id = $1")
             .bind(deployment)
             .fetch_optional(db)
             .await?;
-    let Some(server) = server else { return Ok(None) };
+    let Some((name, version, discovered_at)) = server else { return Ok(None) };
     let tools =
         sqlx::query_as("SELECT name, description, input_schema FROM mcp_tools WHERE deployment_id = $1 ORDER BY name")
             .bind(deployment)
             .fetch_all(db)
             .await?;
-    Ok(Some((server, tools)))
+    Ok(Some(McpServerTools { name, version, discovered_at, tools }))
 }
 
 /// Appends an event about one of a droplet's deployments (attributed to that droplet's
@@ -228,4 +277,60 @@ pub async fn record_deployment_event(
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// A deployment as listed: its row, the container's last report, its newest command.
+#[derive(sqlx::FromRow)]
+pub struct ListedDeployment {
+    #[sqlx(flatten)]
+    pub row: DeploymentRow,
+    /// The container's last report, encoded.
+    pub container: Option<Vec<u8>>,
+    pub last_command: Option<Uuid>,
+}
+
+/// Which deployments `list_deployments` returns.
+#[derive(Debug, Default)]
+pub struct DeploymentFilter {
+    pub droplet: Option<Uuid>,
+    pub account: Option<String>,
+    pub include_removed: bool,
+    /// Keyset position: deployments ordered by id after this one.
+    pub after: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// Deployments in id order, each with its container and newest command, in one query.
+pub async fn list_deployments(db: &PgPool, filter: &DeploymentFilter) -> sqlx::Result<Vec<ListedDeployment>> {
+    sqlx::query_as(
+        "SELECT d.*, c.status AS container,
+                (SELECT id FROM commands WHERE deployment_id = d.id ORDER BY seq DESC LIMIT 1) AS last_command
+         FROM deployments d LEFT JOIN containers c ON c.deployment_id = d.id
+         WHERE ($1::uuid IS NULL OR d.droplet_id = $1)
+           AND ($2::text IS NULL OR d.account = $2)
+           AND ($3 OR d.desired_state <> 'removed')
+           AND ($4::uuid IS NULL OR d.id > $4)
+         ORDER BY d.id
+         LIMIT $5",
+    )
+    .bind(filter.droplet)
+    .bind(filter.account.as_deref())
+    .bind(filter.include_removed)
+    .bind(filter.after)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Every deployment of a droplet, removed ones too.
+pub async fn deployments_of(conn: &mut sqlx::PgConnection, droplet: Uuid) -> sqlx::Result<Vec<DeploymentRow>> {
+    sqlx::query_as("SELECT * FROM deployments WHERE droplet_id = $1").bind(droplet).fetch_all(conn).await
+}
+
+/// What a droplet last reported of each of its deployments' containers, encoded.
+pub async fn reported_containers(conn: &mut sqlx::PgConnection, droplet: Uuid) -> sqlx::Result<Vec<(Uuid, Vec<u8>)>> {
+    sqlx::query_as("SELECT deployment_id, status FROM containers WHERE droplet_id = $1")
+        .bind(droplet)
+        .fetch_all(conn)
+        .await
 }

@@ -379,3 +379,11 @@ pub async fn delete_droplet(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Vec<St
     tx.commit().await?;
     Ok(Some(revoked.into_iter().map(|(serial, _)| serial).collect()))
 }
+
+/// The account of a droplet that is not being deleted; `None` for any other.
+pub async fn account_unless_deleting(db: impl sqlx::PgExecutor<'_>, droplet: Uuid) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT account FROM droplets WHERE id = $1 AND status <> 'deleting'")
+        .bind(droplet)
+        .fetch_optional(db)
+        .await
+}

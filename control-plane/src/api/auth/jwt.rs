@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::RwLock;
 use tonic::Status;
 
-use crate::api::auth::Scope;
+use crate::api::auth::scope::Scope;
 
 /// A JWKS is fetched again at most this often when a token names an unknown key.
 const REFETCH_AFTER: Duration = Duration::from_secs(30);
