@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     fleet::{commands::Options, deployments::DeploymentView, events},
+    identity::enrollment,
     store::{self, CommandRow, DesiredState, DropletRow, DropletStatus},
 };
 
@@ -223,6 +224,15 @@ impl TryFrom<Option<proto::CommandOptions>> for Options {
             ),
         };
         Options::new(options.idempotency_key, deadline)
+    }
+}
+
+/// A token's time to live from the API: the default when absent.
+pub fn ttl(field: &str, ttl: Option<prost_types::Duration>) -> Result<std::time::Duration, Status> {
+    match ttl {
+        None => Ok(enrollment::DEFAULT_TTL),
+        Some(ttl) => std::time::Duration::try_from(ttl)
+            .map_err(|_| Status::invalid_argument(format!("{field}: must be a positive duration"))),
     }
 }
 

@@ -25,15 +25,13 @@ use crate::{
             token_to_proto, tools_to_proto,
         },
         paging::{self, List},
-        status::{bad_fields, db_error, deployment_status},
+        status::{db_error, deployment_status, droplet_status},
     },
     fleet::{
         commands::{self, Options},
         deployments::{self, Verb},
-        events,
+        droplets, events,
     },
-    identity::enrollment,
-    labels,
     session::live,
     store,
 };
@@ -131,6 +129,7 @@ fn optional_id(field: &str, value: &str) -> Result<Option<Uuid>, Status> {
 
 #[tonic::async_trait]
 impl Fleet for FleetApi {
+    #[tracing::instrument(skip_all, fields(rpc = "CreateDeployment", droplet_id = %request.get_ref().droplet_id))]
     async fn create_deployment(
         &self,
         request: Request<CreateDeploymentRequest>,
@@ -155,6 +154,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(created))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListTools", deployment_id = %request.get_ref().deployment_id))]
     async fn list_tools(&self, request: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
         let id = self
             .deployment(&request, Scope::Read, "ListTools", ("deployment_id", &request.get_ref().deployment_id))
@@ -163,12 +163,14 @@ impl Fleet for FleetApi {
         Ok(Response::new(tools_to_proto(found)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "GetDeployment", deployment_id = %request.get_ref().id))]
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Result<Response<Deployment>, Status> {
         let id = self.deployment(&request, Scope::Read, "GetDeployment", ("id", &request.get_ref().id)).await?;
         let deployment = deployments::get(&self.api.fleet, id).await.map_err(deployment_status)?;
         Ok(Response::new(deployment_to_proto(deployment)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListDeployments", droplet_id = %request.get_ref().droplet_id))]
     async fn list_deployments(
         &self,
         request: Request<proto::ListDeploymentsRequest>,
@@ -195,6 +197,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(proto::ListDeploymentsResponse { deployments, next_page_token }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "StartDeployment", deployment_id = %request.get_ref().id))]
     async fn start_deployment(
         &self,
         request: Request<proto::StartDeploymentRequest>,
@@ -205,6 +208,7 @@ impl Fleet for FleetApi {
         self.lifecycle(id, Verb::Start, options(request.options, &caller, remote)?).await
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "StopDeployment", deployment_id = %request.get_ref().id))]
     async fn stop_deployment(
         &self,
         request: Request<proto::StopDeploymentRequest>,
@@ -216,6 +220,7 @@ impl Fleet for FleetApi {
         self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "RestartDeployment", deployment_id = %request.get_ref().id))]
     async fn restart_deployment(
         &self,
         request: Request<proto::RestartDeploymentRequest>,
@@ -227,6 +232,7 @@ impl Fleet for FleetApi {
         self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "RemoveDeployment", deployment_id = %request.get_ref().id))]
     async fn remove_deployment(
         &self,
         request: Request<proto::RemoveDeploymentRequest>,
@@ -238,6 +244,7 @@ impl Fleet for FleetApi {
         self.lifecycle(id, verb, options(request.options, &caller, remote)?).await
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "UpdateDeployment", deployment_id = %request.get_ref().id))]
     async fn update_deployment(
         &self,
         request: Request<proto::UpdateDeploymentRequest>,
@@ -251,6 +258,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(deployment_to_proto(updated)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "GetCommand", command_id = %request.get_ref().id))]
     async fn get_command(
         &self,
         request: Request<proto::GetCommandRequest>,
@@ -261,6 +269,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(command_to_proto(&row)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListCommands", droplet_id = %request.get_ref().droplet_id, deployment_id = %request.get_ref().deployment_id))]
     async fn list_commands(
         &self,
         request: Request<proto::ListCommandsRequest>,
@@ -292,6 +301,7 @@ impl Fleet for FleetApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "WaitCommand", command_id = %request.get_ref().id))]
     async fn wait_command(
         &self,
         request: Request<proto::WaitCommandRequest>,
@@ -303,21 +313,11 @@ impl Fleet for FleetApi {
             Some(Ok(t)) if t <= MAX_WAIT => t,
             Some(_) => return Err(Status::invalid_argument("timeout: must be between 0 and 5 minutes")),
         };
-        // Waiting before reading, so a completion in between is not missed.
-        let mut done = self.api.fleet.completions.wait(id);
-        let until = tokio::time::Instant::now() + timeout;
-        loop {
-            let row = store::get_command(&self.db, id).await.map_err(db_error)?;
-            let row = row.ok_or_else(|| Owned::Command.not_found(id))?;
-            if commands::is_final(&row.state) {
-                return Ok(Response::new(command_to_proto(&row)));
-            }
-            if tokio::time::timeout_at(until, done.changed()).await.is_err() {
-                return Ok(Response::new(command_to_proto(&row)));
-            }
-        }
+        let row = commands::wait(&self.api.fleet, id, timeout).await.map_err(db_error)?;
+        Ok(Response::new(command_to_proto(&row.ok_or_else(|| Owned::Command.not_found(id))?)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "InspectDeployment", deployment_id = %request.get_ref().id))]
     async fn inspect_deployment(
         &self,
         request: Request<proto::InspectDeploymentRequest>,
@@ -327,6 +327,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(live::inspect(&self.api.agents, &request.get_ref().id, &origin).await?))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "CheckDeploymentHealth", deployment_id = %request.get_ref().id))]
     async fn check_deployment_health(
         &self,
         request: Request<proto::CheckDeploymentHealthRequest>,
@@ -338,6 +339,7 @@ impl Fleet for FleetApi {
 
     type TailLogsStream = live::LogStream;
 
+    #[tracing::instrument(skip_all, fields(rpc = "TailLogs", deployment_id = %request.get_ref().deployment_id))]
     async fn tail_logs(
         &self,
         request: Request<proto::TailLogsRequest>,
@@ -347,6 +349,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(live::tail_logs(&self.api.agents, request.into_inner(), &origin).await?))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "DeleteDroplet", droplet_id = %request.get_ref().id))]
     async fn delete_droplet(
         &self,
         request: Request<DeleteDropletRequest>,
@@ -354,21 +357,12 @@ impl Fleet for FleetApi {
         let caller = self.caller(&request, Scope::Write, "DeleteDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
         caller.reach(&self.db, Owned::Droplet, id).await?;
-        let provider = store::droplet_provider(&self.db, id).await.map_err(db_error)?;
-        if provider.as_deref().is_some_and(|p| p != "byo") {
-            // Its machine is destroyed by a job; the droplet stays `deleting` until then.
-            let revoked = crate::fleet::provisioning::begin_delete(&self.db, id).await.map_err(db_error)?;
-            tracing::info!(droplet_id = %id, by = %caller.principal, "droplet deleting");
-            return Ok(Response::new(DeleteDropletResponse { revoked_certificate_serials: revoked }));
-        }
-        let revoked = match store::delete_droplet(&self.db, id).await.map_err(db_error)? {
-            Some(revoked) => revoked,
-            None => return Err(Owned::Droplet.not_found(id)),
-        };
-        tracing::info!(droplet_id = %id, certificates = revoked.len(), by = %caller.principal, "droplet deleted");
+        let revoked = droplets::delete(&self.api.fleet, id).await.map_err(droplet_status)?;
+        tracing::info!(droplet_id = %id, by = %caller.principal, "droplet delete asked");
         Ok(Response::new(DeleteDropletResponse { revoked_certificate_serials: revoked }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "CreateEnrollmentToken", droplet_id = %request.get_ref().droplet_id))]
     async fn create_enrollment_token(
         &self,
         request: Request<CreateEnrollmentTokenRequest>,
@@ -376,49 +370,26 @@ impl Fleet for FleetApi {
         let caller = self.caller(&request, Scope::Write, "CreateEnrollmentToken").await?;
         let request = request.into_inner();
         let droplet = optional_id("droplet_id", &request.droplet_id)?;
-        if let Some(droplet) = droplet {
-            caller.reach(&self.db, Owned::Droplet, droplet).await?;
-        }
-        let ttl = match request.ttl {
-            None => enrollment::DEFAULT_TTL,
-            Some(ttl) => {
-                Duration::try_from(ttl).map_err(|_| Status::invalid_argument("ttl: must be a positive duration"))?
-            }
-        };
         let account = match droplet {
-            // A token for an existing droplet is in the droplet's account.
-            Some(droplet) => store::get_droplet(&self.db, droplet)
-                .await
-                .map_err(db_error)?
-                .map(|d| d.account)
-                .ok_or_else(|| Owned::Droplet.not_found(droplet))?,
+            Some(droplet) => {
+                caller.reach(&self.db, Owned::Droplet, droplet).await?;
+                String::new()
+            }
             None => caller.create_account(&request.account)?,
         };
-        let ca = &self.api.fleet.authorities.active;
-        let droplet = droplet.map(DropletId::from_uuid);
-        let created = enrollment::create(&self.db, ca, &account, droplet, &request.name, ttl).await.map_err(
-            |error| match error {
-                enrollment::CreateError::Store(store::TokenCreateError::Database(error)) => db_error(error),
-                enrollment::CreateError::Store(store::TokenCreateError::OtherAccount(id)) => {
-                    Owned::Droplet.not_found(id)
-                }
-                enrollment::CreateError::Store(store::TokenCreateError::NoAccount(_)) => {
-                    Status::not_found(format!("account: {error}"))
-                }
-                enrollment::CreateError::Store(store::TokenCreateError::Deleting(_)) => {
-                    Status::failed_precondition(format!("droplet_id: {error}"))
-                }
-                other => Status::invalid_argument(other.to_string()),
-            },
-        )?;
-        tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, by = %caller.principal, "enrollment token created");
+        let ttl = convert::ttl("ttl", request.ttl)?;
+        let created = droplets::create_token(&self.api.fleet, &account, droplet, &request.name, ttl)
+            .await
+            .map_err(droplet_status)?;
+        tracing::info!(token_id = %created.row.id, by = %caller.principal, "enrollment token created");
         Ok(Response::new(CreateEnrollmentTokenResponse {
             token: created.token,
             enrollment_token: Some(token_to_proto(created.row)),
-            ca_sha256: ca.sha256_pin(),
+            ca_sha256: self.api.fleet.authorities.active.sha256_pin(),
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListEnrollmentTokens"))]
     async fn list_enrollment_tokens(
         &self,
         request: Request<ListEnrollmentTokensRequest>,
@@ -431,6 +402,7 @@ impl Fleet for FleetApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "RevokeEnrollmentToken", token_id = %request.get_ref().id))]
     async fn revoke_enrollment_token(
         &self,
         request: Request<RevokeEnrollmentTokenRequest>,
@@ -449,6 +421,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(token_to_proto(row)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "GetDroplet", droplet_id = %request.get_ref().id))]
     async fn get_droplet(&self, request: Request<GetDropletRequest>) -> Result<Response<Droplet>, Status> {
         let caller = self.caller(&request, Scope::Read, "GetDroplet").await?;
         let id = parse_id("id", &request.get_ref().id)?;
@@ -457,6 +430,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(droplet_to_proto(row)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListDroplets"))]
     async fn list_droplets(
         &self,
         request: Request<ListDropletsRequest>,
@@ -489,91 +463,38 @@ impl Fleet for FleetApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "CreateDroplet", provider = %request.get_ref().provider))]
     async fn create_droplet(
         &self,
         request: Request<proto::CreateDropletRequest>,
     ) -> Result<Response<proto::CreateDropletResponse>, Status> {
         let caller = self.caller(&request, Scope::Write, "CreateDroplet").await?;
         let request = request.into_inner();
-        let provider = match request.provider.as_str() {
-            "" | "byo" => "byo",
-            name => match self.api.fleet.providers.get(name) {
-                Some(_) => name,
-                None => {
-                    let mut known = vec!["byo"];
-                    known.extend(self.api.fleet.providers.names());
-                    return Err(Status::invalid_argument(format!(
-                        "provider: {name:?} is not a provider of this control plane ({})",
-                        known.join(", ")
-                    )));
-                }
-            },
-        };
-        let labels: std::collections::BTreeMap<String, String> = request.labels.into_iter().collect();
-        let problems = labels::validate(&labels);
-        if !problems.is_empty() {
-            return Err(bad_fields("labels", &problems));
-        }
-        if provider != "byo" {
-            // Made in the background: the answer comes back at once, `provisioning`.
-            let account = caller.create_account(&request.account)?;
-            let timeout = self.api.fleet.provision_timeout;
-            let row = crate::fleet::provisioning::begin_create(&self.db, &account, provider, &labels, timeout)
-                .await
-                .map_err(|error| match error {
-                    sqlx::Error::Database(e) if e.is_foreign_key_violation() => {
-                        Status::not_found(format!("account: {account:?} does not exist"))
-                    }
-                    other => db_error(other),
-                })?;
-            tracing::info!(droplet_id = %row.id, %provider, %account, by = %caller.principal, "droplet provisioning");
-            return Ok(Response::new(proto::CreateDropletResponse {
-                droplet: Some(droplet_to_proto(row)),
-                ..Default::default()
-            }));
-        }
-        let ttl = match request.token_ttl {
-            None => enrollment::DEFAULT_TTL,
-            Some(ttl) => Duration::try_from(ttl)
-                .map_err(|_| Status::invalid_argument("token_ttl: must be a positive duration"))?,
+        let make = match request.provider.as_str() {
+            "" | "byo" => {
+                droplets::Make::Bring { name: request.name, token_ttl: convert::ttl("token_ttl", request.token_ttl)? }
+            }
+            name => droplets::Make::Provider(name.to_owned()),
         };
         let account = caller.create_account(&request.account)?;
-        let ca = &self.api.fleet.authorities.active;
-        let created =
-            enrollment::create(&self.db, ca, &account, None, &request.name, ttl).await.map_err(
-                |error| match error {
-                    enrollment::CreateError::Store(store::TokenCreateError::Database(error)) => db_error(error),
-                    enrollment::CreateError::Store(store::TokenCreateError::NoAccount(_)) => {
-                        Status::not_found(format!("account: {error}"))
-                    }
-                    other => Status::invalid_argument(other.to_string()),
-                },
-            )?;
-        let droplet = created.row.droplet_id;
-        let row = store::set_labels(&self.db, droplet, &labels)
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| Owned::Droplet.not_found(droplet))?;
-        let endpoints = &self.api.fleet.endpoints;
-        let options = crate::fleet::provisioning::cloudinit::UserDataOptions::new(
-            endpoints.agent.clone(),
-            endpoints.enroll.clone(),
-            created.token.clone(),
-            ca.sha256_pin(),
-            endpoints.agent_image.clone(),
-        );
-        let install_command = crate::fleet::provisioning::cloudinit::install_command(&options).map_err(|error| {
-            tracing::error!(%error, "the control plane's own droplet settings are not valid");
-            Status::failed_precondition(format!("the control plane's droplet settings: {error}"))
-        })?;
-        tracing::info!(droplet_id = %droplet, %account, by = %caller.principal, "droplet created (byo)");
-        Ok(Response::new(proto::CreateDropletResponse {
-            droplet: Some(droplet_to_proto(row)),
-            token: created.token,
-            install_command,
+        let made = droplets::create(&self.api.fleet, &account, make, request.labels).await.map_err(droplet_status)?;
+        Ok(Response::new(match made {
+            droplets::Made::Provisioning(row) => {
+                tracing::info!(droplet_id = %row.id, by = %caller.principal, "droplet provisioning asked");
+                proto::CreateDropletResponse { droplet: Some(droplet_to_proto(row)), ..Default::default() }
+            }
+            droplets::Made::Brought(brought) => {
+                tracing::info!(droplet_id = %brought.row.id, by = %caller.principal, "droplet created (byo)");
+                proto::CreateDropletResponse {
+                    droplet: Some(droplet_to_proto(brought.row)),
+                    token: brought.token,
+                    install_command: brought.install_command,
+                }
+            }
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "UpdateDropletLabels", droplet_id = %request.get_ref().id))]
     async fn update_droplet_labels(
         &self,
         request: Request<proto::UpdateDropletLabelsRequest>,
@@ -582,17 +503,13 @@ impl Fleet for FleetApi {
         let request = request.into_inner();
         let id = parse_id("id", &request.id)?;
         caller.reach(&self.db, Owned::Droplet, id).await?;
-        let labels: std::collections::BTreeMap<String, String> = request.labels.into_iter().collect();
-        let problems = labels::validate(&labels);
-        if !problems.is_empty() {
-            return Err(bad_fields("labels", &problems));
-        }
-        let row = store::set_labels(&self.db, id, &labels).await.map_err(db_error)?;
-        Ok(Response::new(droplet_to_proto(row.ok_or_else(|| Owned::Droplet.not_found(id))?)))
+        let row = droplets::set_labels(&self.api.fleet, id, request.labels).await.map_err(droplet_status)?;
+        Ok(Response::new(droplet_to_proto(row)))
     }
 
     type WatchEventsStream = convert::EventStream;
 
+    #[tracing::instrument(skip_all, fields(rpc = "WatchEvents", droplet_id = %request.get_ref().droplet_id, deployment_id = %request.get_ref().deployment_id))]
     async fn watch_events(
         &self,
         request: Request<proto::WatchEventsRequest>,
@@ -630,6 +547,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(convert::event_stream(stream)))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "CreateApiKey"))]
     async fn create_api_key(
         &self,
         request: Request<proto::CreateApiKeyRequest>,
@@ -656,6 +574,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(proto::CreateApiKeyResponse { key: created.key, api_key: Some(key_to_proto(created.row)) }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "ListApiKeys"))]
     async fn list_api_keys(
         &self,
         request: Request<proto::ListApiKeysRequest>,
@@ -666,6 +585,7 @@ impl Fleet for FleetApi {
         Ok(Response::new(proto::ListApiKeysResponse { api_keys: rows.into_iter().map(key_to_proto).collect() }))
     }
 
+    #[tracing::instrument(skip_all, fields(rpc = "RevokeApiKey", api_key_id = %request.get_ref().id))]
     async fn revoke_api_key(
         &self,
         request: Request<proto::RevokeApiKeyRequest>,

@@ -3,7 +3,7 @@
 
 use tonic::Status;
 
-use crate::fleet::deployments;
+use crate::fleet::{deployments, droplets};
 
 /// Database failures are logged here and reach the client only as `Unavailable`; a text
 /// holding a NUL character (which PostgreSQL cannot store) is the caller's mistake.
@@ -57,4 +57,21 @@ pub fn bad_fields(field: &str, problems: &[String]) -> Status {
         format!("{field}: {}", problems.join("; ")),
         ErrorDetails::with_bad_request(violations),
     )
+}
+
+/// A droplet change refused, as a status. Labels and the account are the caller's to fix;
+/// the control plane's own droplet settings are the operator's.
+pub fn droplet_status(error: droplets::DropletError) -> Status {
+    use droplets::DropletError as E;
+    match error {
+        E::UnknownProvider { .. } | E::Token(_) => Status::invalid_argument(error.to_string()),
+        E::BadLabels(problems) => bad_fields("labels", &problems),
+        E::NoAccount(_) | E::NotFound(_) => Status::not_found(error.to_string()),
+        E::Deleting(_) => Status::failed_precondition(error.to_string()),
+        E::Settings(_) => {
+            tracing::error!(%error, "the control plane's own droplet settings are not valid");
+            Status::failed_precondition(error.to_string())
+        }
+        E::Database(error) => db_error(error),
+    }
 }

@@ -20,7 +20,10 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::store::{self, CommandRow, NewCommand, Results};
+use crate::{
+    fleet::Fleet,
+    store::{self, CommandRow, NewCommand, Results},
+};
 
 /// Commands sent to one droplet and not yet answered, at most.
 pub const WINDOW: usize = 32;
@@ -156,6 +159,20 @@ pub async fn close(db: &PgPool, row: &CommandRow, state: &str, why: &str) -> sql
     Ok(())
 }
 
+/// Waits until command `id` is final, or `timeout` has passed; returns it as it stands
+/// then (`None`: there is no such command).
+pub async fn wait(fleet: &Fleet, id: Uuid, timeout: Duration) -> sqlx::Result<Option<CommandRow>> {
+    // Waiting before reading, so a completion in between is not missed.
+    let mut done = fleet.completions.wait(id);
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        let Some(row) = store::get_command(&fleet.db, id).await? else { return Ok(None) };
+        if is_final(&row.state) || tokio::time::timeout_at(until, done.changed()).await.is_err() {
+            return Ok(Some(row));
+        }
+    }
+}
+
 /// Command completions, for `WaitCommand`: each waiter is woken by its own command only.
 /// (One broadcast to every waiter made a backlog of N waiters cost N wake-ups per
 /// completion: quadratic exactly when the control plane is busiest.)
@@ -214,5 +231,62 @@ impl Drop for Waiter {
         if waiting.get(&self.id).is_some_and(|tx| tx.receiver_count() <= 1) {
             waiting.remove(&self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(300);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_woken_by_its_own_command_only() {
+        let completions = Completions::default();
+        let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut waiter = completions.wait(mine);
+        completions.completed(other);
+        assert!(tokio::time::timeout(LONG, waiter.changed()).await.is_err(), "another command woke it");
+        completions.completed(mine);
+        assert!(tokio::time::timeout(LONG, waiter.changed()).await.is_ok(), "its own command did not wake it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_between_waiting_and_reading_is_not_missed() {
+        let completions = Completions::default();
+        let id = Uuid::new_v4();
+        let mut waiter = completions.wait(id);
+        // The command finishes before the waiter looks: the next look returns at once.
+        completions.completed(id);
+        assert!(tokio::time::timeout(Duration::from_millis(1), waiter.changed()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_notifications_wake_every_waiter() {
+        let completions = Completions::default();
+        let mut waiters: Vec<Waiter> = (0..3).map(|_| completions.wait(Uuid::new_v4())).collect();
+        completions.all();
+        for waiter in &mut waiters {
+            assert!(tokio::time::timeout(LONG, waiter.changed()).await.is_ok());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_waiter_of_a_command_takes_its_entry_away() {
+        let completions = Completions::default();
+        let id = Uuid::new_v4();
+        let (first, second) = (completions.wait(id), completions.wait(id));
+        drop(first);
+        assert_eq!(completions.lock().len(), 1, "another waiter still waits");
+        drop(second);
+        assert!(completions.lock().is_empty(), "nobody waits: nothing kept");
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded_and_printable() {
+        assert_eq!(Options::new(String::new(), None).map(|o| o.idempotency_key), Ok(None));
+        assert!(Options::new("deploy-42".into(), None).is_ok());
+        assert!(Options::new("x".repeat(MAX_KEY + 1), None).is_err());
+        assert!(Options::new("a\nb".into(), None).is_err());
     }
 }
