@@ -78,8 +78,9 @@ fn status_to_proto(status: &str) -> proto::DropletStatus {
     }
 }
 
+/// An instant as the API writes it.
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
+    std::time::SystemTime::from(at).into()
 }
 
 fn unsigned(v: i64) -> u64 {

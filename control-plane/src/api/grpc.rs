@@ -25,7 +25,7 @@ use crate::{
             token_to_proto, tools_to_proto,
         },
         paging::{self, List},
-        status::{db_error, deployment_status, droplet_status},
+        status::{db_error, deployment_status, droplet_status, key_status},
     },
     fleet::{
         commands::{self, Options},
@@ -565,11 +565,7 @@ impl Fleet for FleetApi {
             ),
         };
         let account = caller.create_account(&request.account)?;
-        let created =
-            auth::create(&self.db, &account, scope, &request.name, expires_in).await.map_err(|error| match error {
-                auth::KeyError::Database(error) => db_error(error),
-                invalid => Status::invalid_argument(invalid.to_string()),
-            })?;
+        let created = auth::create(&self.db, &account, scope, &request.name, expires_in).await.map_err(key_status)?;
         tracing::info!(api_key_id = %created.id, %account, %scope, by = %caller.principal, "API key created");
         Ok(Response::new(proto::CreateApiKeyResponse { key: created.key, api_key: Some(key_to_proto(created.row)) }))
     }

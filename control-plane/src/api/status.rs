@@ -3,7 +3,10 @@
 
 use tonic::Status;
 
-use crate::fleet::{deployments, droplets};
+use crate::{
+    api::auth,
+    fleet::{deployments, droplets},
+};
 
 /// Database failures are logged here and reach the client only as `Unavailable`; a text
 /// holding a NUL character (which PostgreSQL cannot store) is the caller's mistake.
@@ -73,5 +76,13 @@ pub fn droplet_status(error: droplets::DropletError) -> Status {
             Status::failed_precondition(error.to_string())
         }
         E::Database(error) => db_error(error),
+    }
+}
+
+/// An API key refused, as a status.
+pub fn key_status(error: auth::KeyError) -> Status {
+    match error {
+        auth::KeyError::Database(error) => db_error(error),
+        invalid => Status::invalid_argument(invalid.to_string()),
     }
 }

@@ -466,6 +466,22 @@ pub async fn observe(fleet: &Fleet, droplet: DropletId, status: &ContainerStatus
     }
 }
 
+/// Which deployments `list` returns.
+pub type Filter = store::DeploymentFilter;
+
+/// Deployments in id order, each with its container and newest command, in one query.
+pub async fn list(fleet: &Fleet, filter: &Filter) -> Result<Vec<DeploymentView>, DeploymentError> {
+    let rows = store::list_deployments(&fleet.db, filter).await?;
+    rows.into_iter()
+        .map(|listed| {
+            let container = listed.container.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
+            let mut deployment = view(fleet, listed.row, container)?;
+            deployment.last_command = listed.last_command;
+            Ok(deployment)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,20 +505,4 @@ mod tests {
         assert_eq!(masked.env[1].value, "***");
         assert_eq!(masked.registry_auth.map(|a| (a.username, a.password)), Some(("me".into(), "***".into())));
     }
-}
-
-/// Which deployments `list` returns.
-pub type Filter = store::DeploymentFilter;
-
-/// Deployments in id order, each with its container and newest command, in one query.
-pub async fn list(fleet: &Fleet, filter: &Filter) -> Result<Vec<DeploymentView>, DeploymentError> {
-    let rows = store::list_deployments(&fleet.db, filter).await?;
-    rows.into_iter()
-        .map(|listed| {
-            let container = listed.container.and_then(|b| ContainerStatus::decode(b.as_slice()).ok());
-            let mut deployment = view(fleet, listed.row, container)?;
-            deployment.last_command = listed.last_command;
-            Ok(deployment)
-        })
-        .collect()
 }

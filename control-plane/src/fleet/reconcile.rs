@@ -109,7 +109,7 @@ pub async fn droplet(fleet: &Fleet, droplet: DropletId, inventory: Option<&[Cont
     if store::lock_droplet(&mut tx, droplet.as_uuid()).await?.is_none() {
         return Ok(0);
     }
-    let deployments = store::deployments_of(&mut *tx, droplet.as_uuid()).await?;
+    let deployments = store::deployments_of(&mut tx, droplet.as_uuid()).await?;
     let observed: HashMap<Uuid, ContainerStatus> = match inventory {
         Some(inventory) => {
             let mut newest: HashMap<Uuid, ContainerStatus> = HashMap::new();
@@ -122,11 +122,11 @@ pub async fn droplet(fleet: &Fleet, droplet: DropletId, inventory: Option<&[Cont
             newest
         }
         None => {
-            let rows = store::reported_containers(&mut *tx, droplet.as_uuid()).await?;
+            let rows = store::reported_containers(&mut tx, droplet.as_uuid()).await?;
             rows.into_iter().filter_map(|(id, b)| ContainerStatus::decode(b.as_slice()).ok().map(|c| (id, c))).collect()
         }
     };
-    let open = store::deployments_with_open_commands(&mut *tx, droplet.as_uuid()).await?;
+    let open = store::deployments_with_open_commands(&mut tx, droplet.as_uuid()).await?;
     let options = Options { requested_by: "reconciler".into(), ..Options::default() };
     let mut issued = 0;
     for row in &deployments {

@@ -23,7 +23,7 @@ use crate::{
     session::Agents,
     session::accept::AgentPeer,
     session::delivery,
-    session::registry::{Beat, Outbound},
+    session::registry::{self, Beat, Outbound},
     session::requests::AfterChunk,
     store::{self, Claim, DropletStatus},
 };
@@ -65,7 +65,7 @@ impl AgentGateway for Gateway {
                     droplet_id: droplet.to_string(),
                     certificate_chain_pem: issued.cert_pem,
                     trust_bundle: Some(agents.trust_bundle()),
-                    not_after: Some(timestamp(issued.not_after)),
+                    not_after: Some(std::time::SystemTime::from(issued.not_after).into()),
                 }))
             }
             Err(error) => {
@@ -118,10 +118,6 @@ fn enroll_status(error: EnrollError) -> Status {
     }
 }
 
-pub fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 }
-}
-
 struct Session {
     agents: Agents,
     peer: AgentPeer,
@@ -141,12 +137,12 @@ impl Session {
         let droplet = self.peer.droplet_id;
 
         let claimed = store::claim_droplet(
-            &self.agents.db(),
+            self.agents.db(),
             droplet,
             self.session_id,
             self.agents.replica,
             &self.peer.serial,
-            &hello,
+            &registry::stored_facts(&hello),
         )
         .await;
         match claimed {
@@ -240,11 +236,11 @@ impl Session {
 
         if let Some(pending) = self.agents.sessions.remove(droplet, self.session_id) {
             if let Some(seen) = pending
-                && let Err(error) = store::flush_heartbeats(&self.agents.db(), &[seen]).await
+                && let Err(error) = store::flush_heartbeats(self.agents.db(), &[seen]).await
             {
                 tracing::warn!(%error, "could not write the last heartbeat");
             }
-            if let Err(error) = store::release_droplet(&self.agents.db(), droplet, self.session_id).await {
+            if let Err(error) = store::release_droplet(self.agents.db(), droplet, self.session_id).await {
                 tracing::error!(%error, "could not record the end of the session");
             }
         }
@@ -331,8 +327,7 @@ impl Session {
             Some(agent_message::Kind::Heartbeat(heartbeat)) => {
                 let load = heartbeat.load.unwrap_or_default();
                 if self.agents.sessions.heartbeat(droplet, self.session_id, load) == Beat::Recovered {
-                    match store::set_liveness(&self.agents.db(), droplet, self.session_id, DropletStatus::Online).await
-                    {
+                    match store::set_liveness(self.agents.db(), droplet, self.session_id, DropletStatus::Online).await {
                         Ok(_) => tracing::info!("droplet reachable again"),
                         Err(error) => {
                             tracing::error!(%error, "could not record that the droplet is back")
@@ -359,7 +354,7 @@ impl Session {
                     };
                     if let Ok(deployment) = uuid::Uuid::try_parse(named)
                         && let Err(error) = store::set_deployment_error(
-                            &self.agents.db(),
+                            self.agents.db(),
                             deployment,
                             droplet.as_uuid(),
                             &result.message,
@@ -421,7 +416,7 @@ impl Session {
         let certificate = Certificate {
             certificate_chain_pem: issued.cert_pem,
             trust_bundle: Some(agents.trust_bundle()),
-            not_after: Some(timestamp(issued.not_after)),
+            not_after: Some(std::time::SystemTime::from(issued.not_after).into()),
         };
         self.send(control_message::Kind::Certificate(certificate)).await;
     }

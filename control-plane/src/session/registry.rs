@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::{
     session::requests::{AfterChunk, PendingRequests, Waiter},
-    store::SeenLoad,
+    store::{Facts, Load, SeenLoad},
 };
 
 /// Where a session's messages to its agent go.
@@ -95,6 +95,47 @@ fn send_goodbye(outbound: &Outbound, end: &CancellationToken, goodbye: Goodbye) 
     end.cancel();
 }
 
+/// A heartbeat's load as the droplet's columns hold it (counts past `i64::MAX` saturate).
+pub fn stored_load(load: &HostLoad) -> Load {
+    Load {
+        load_average_1m: load.load_average_1m,
+        load_average_5m: load.load_average_5m,
+        load_average_15m: load.load_average_15m,
+        memory_used_bytes: clamp_i64(load.memory_used_bytes),
+        disk_used_bytes: clamp_i64(load.disk_used_bytes),
+        disk_free_bytes: clamp_i64(load.disk_free_bytes),
+        container_count: clamp_i32(load.container_count),
+    }
+}
+
+/// The facts a `Hello` reports, as the droplet's columns hold them.
+pub fn stored_facts(hello: &flotilla::proto::Hello) -> Facts {
+    let host = hello.host.clone().unwrap_or_default();
+    let protocol = hello.protocol.unwrap_or_default();
+    Facts {
+        agent_version: hello.agent_version.clone(),
+        protocol_major: clamp_i32(protocol.major),
+        protocol_minor: clamp_i32(protocol.minor),
+        hostname: host.hostname,
+        os: host.os,
+        kernel_version: host.kernel_version,
+        architecture: host.architecture,
+        cpu_count: clamp_i32(host.cpu_count),
+        memory_total_bytes: clamp_i64(host.memory_total_bytes),
+        disk_total_bytes: clamp_i64(host.disk_total_bytes),
+        docker_version: hello.docker_version.clone(),
+        load: stored_load(&hello.load.unwrap_or_default()),
+    }
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn clamp_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
 impl Sessions {
     fn lock(&self) -> MutexGuard<'_, HashMap<DropletId, Entry>> {
         // A panic while holding this lock cannot leave the map half-updated: every
@@ -147,7 +188,7 @@ impl Sessions {
             return Beat::Unknown;
         };
         entry.last_heartbeat = Instant::now();
-        entry.pending = Some(SeenLoad { droplet, seen_at: Utc::now(), load });
+        entry.pending = Some(SeenLoad { droplet, seen_at: Utc::now(), load: stored_load(&load) });
         if std::mem::replace(&mut entry.unreachable, false) { Beat::Recovered } else { Beat::Recorded }
     }
 

@@ -1,10 +1,7 @@
 //! `droplets`: each droplet, its session and liveness, its facts and labels.
 
 use chrono::{DateTime, Utc};
-use flotilla::{
-    DropletId,
-    proto::{Hello, HostLoad},
-};
+use flotilla::DropletId;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -93,15 +90,36 @@ pub struct DropletRow {
 pub struct SeenLoad {
     pub droplet: DropletId,
     pub seen_at: DateTime<Utc>,
-    pub load: HostLoad,
+    pub load: Load,
 }
 
-fn clamp_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+/// A droplet's load, as its columns hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Load {
+    pub load_average_1m: f64,
+    pub load_average_5m: f64,
+    pub load_average_15m: f64,
+    pub memory_used_bytes: i64,
+    pub disk_used_bytes: i64,
+    pub disk_free_bytes: i64,
+    pub container_count: i32,
 }
 
-fn clamp_i32(v: u32) -> i32 {
-    i32::try_from(v).unwrap_or(i32::MAX)
+/// What an agent says of its droplet when a session begins, as the columns hold it.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub agent_version: String,
+    pub protocol_major: i32,
+    pub protocol_minor: i32,
+    pub hostname: String,
+    pub os: String,
+    pub kernel_version: String,
+    pub architecture: String,
+    pub cpu_count: i32,
+    pub memory_total_bytes: i64,
+    pub disk_total_bytes: i64,
+    pub docker_version: String,
+    pub load: Load,
 }
 
 /// What happened when a session asked to hold a droplet.
@@ -129,7 +147,7 @@ pub async fn claim_droplet(
     session_id: Uuid,
     replica: Uuid,
     serial: &str,
-    hello: &Hello,
+    facts: &Facts,
 ) -> sqlx::Result<Claim> {
     let window: Option<(i32, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE droplets SET
@@ -151,9 +169,7 @@ pub async fn claim_droplet(
         let wait = (until - Utc::now()).to_std().unwrap_or_default().max(std::time::Duration::from_secs(1));
         return Ok(Claim::RateLimited(wait));
     }
-    let host = hello.host.clone().unwrap_or_default();
-    let load = hello.load.unwrap_or_default();
-    let protocol = hello.protocol.unwrap_or_default();
+    let load = &facts.load;
     let row: Option<(String,)> = sqlx::query_as(
         r#"
         INSERT INTO droplets AS d (
@@ -201,24 +217,24 @@ pub async fn claim_droplet(
     )
     .bind(droplet.as_uuid())
     .bind(DEFAULT_ACCOUNT)
-    .bind(&hello.agent_version)
-    .bind(clamp_i32(protocol.major))
-    .bind(clamp_i32(protocol.minor))
-    .bind(&host.hostname)
-    .bind(&host.os)
-    .bind(&host.kernel_version)
-    .bind(&host.architecture)
-    .bind(clamp_i32(host.cpu_count))
-    .bind(clamp_i64(host.memory_total_bytes))
-    .bind(clamp_i64(host.disk_total_bytes))
-    .bind(&hello.docker_version)
+    .bind(&facts.agent_version)
+    .bind(facts.protocol_major)
+    .bind(facts.protocol_minor)
+    .bind(&facts.hostname)
+    .bind(&facts.os)
+    .bind(&facts.kernel_version)
+    .bind(&facts.architecture)
+    .bind(facts.cpu_count)
+    .bind(facts.memory_total_bytes)
+    .bind(facts.disk_total_bytes)
+    .bind(&facts.docker_version)
     .bind(load.load_average_1m)
     .bind(load.load_average_5m)
     .bind(load.load_average_15m)
-    .bind(clamp_i64(load.memory_used_bytes))
-    .bind(clamp_i64(load.disk_used_bytes))
-    .bind(clamp_i64(load.disk_free_bytes))
-    .bind(clamp_i32(load.container_count))
+    .bind(load.memory_used_bytes)
+    .bind(load.disk_used_bytes)
+    .bind(load.disk_free_bytes)
+    .bind(load.container_count)
     .bind(session_id)
     .bind(serial)
     .bind(replica)
@@ -273,10 +289,10 @@ pub async fn flush_heartbeats(db: &PgPool, batch: &[SeenLoad]) -> sqlx::Result<u
     let l1: Vec<f64> = batch.iter().map(|s| s.load.load_average_1m).collect();
     let l5: Vec<f64> = batch.iter().map(|s| s.load.load_average_5m).collect();
     let l15: Vec<f64> = batch.iter().map(|s| s.load.load_average_15m).collect();
-    let mem: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.memory_used_bytes)).collect();
-    let used: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.disk_used_bytes)).collect();
-    let free: Vec<i64> = batch.iter().map(|s| clamp_i64(s.load.disk_free_bytes)).collect();
-    let containers: Vec<i32> = batch.iter().map(|s| clamp_i32(s.load.container_count)).collect();
+    let mem: Vec<i64> = batch.iter().map(|s| s.load.memory_used_bytes).collect();
+    let used: Vec<i64> = batch.iter().map(|s| s.load.disk_used_bytes).collect();
+    let free: Vec<i64> = batch.iter().map(|s| s.load.disk_free_bytes).collect();
+    let containers: Vec<i32> = batch.iter().map(|s| s.load.container_count).collect();
     let done = sqlx::query(
         r#"
         UPDATE droplets AS d SET
