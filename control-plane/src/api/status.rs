@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use crate::{
-    api::auth,
+    api::auth::keys::KeyError,
     fleet::{deployments, droplets},
 };
 
@@ -80,9 +80,9 @@ pub fn droplet_status(error: droplets::DropletError) -> Status {
 }
 
 /// An API key refused, as a status.
-pub fn key_status(error: auth::KeyError) -> Status {
+pub fn key_status(error: KeyError) -> Status {
     match error {
-        auth::KeyError::Database(error) => db_error(error),
+        KeyError::Database(error) => db_error(error),
         invalid => Status::invalid_argument(invalid.to_string()),
     }
 }
