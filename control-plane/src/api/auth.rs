@@ -20,7 +20,6 @@ use std::{fmt, num::NonZeroU32, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
-use sha2::Digest as _;
 use sqlx::PgPool;
 use tonic::{Status, metadata::MetadataMap};
 use uuid::Uuid;
