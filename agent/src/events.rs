@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 
 use crate::{
     docker::{LABEL_DROPLET, LABEL_MANAGED},
-    link::Wire,
     runtime::{LABEL_DEPLOYMENT, LABEL_GENERATION, Runtime, status_of},
+    wire::Wire,
 };
 
 /// Docker actions worth reporting; others (attach, exec_*, ...) are noise.

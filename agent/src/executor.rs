@@ -21,9 +21,9 @@ use uuid::Uuid;
 use crate::{
     health,
     ledger::Ledger,
-    link::Wire,
     logs::LogStreams,
     runtime::{self, Runtime},
+    wire::Wire,
 };
 
 /// Commands waiting behind the one running.

@@ -18,7 +18,7 @@ use flotilla::{
 use rmcp::{ServiceExt as _, model::ClientInfo, transport::StreamableHttpClientTransport};
 use tokio::task::JoinHandle;
 
-use crate::{link::Wire, runtime::Runtime};
+use crate::{runtime::Runtime, wire::Wire};
 
 const PROBE: &str = "dev.flotilla.probe";
 const PORT: &str = "dev.flotilla.probe.port";

@@ -14,5 +14,6 @@ pub mod ledger;
 pub mod link;
 mod logs;
 pub mod runtime;
+mod wire;
 
 pub use link::{AgentConfig, Credentials, Enrollment, IdentitySource, run};

@@ -7,13 +7,13 @@ use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate,
-        agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
+        ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate, agent_gateway_client::AgentGatewayClient,
+        agent_message, control_message, goodbye::Reason,
     },
     protocol,
     telemetry::error_chain,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -27,6 +27,7 @@ use crate::{
     identity::{Held, Store},
     ledger::Ledger,
     runtime::Runtime,
+    wire::Wire,
 };
 
 /// When to renew the certificate, and the key waiting for its certificate.
@@ -262,31 +263,6 @@ struct Agent {
     held: Option<Held>,
 }
 
-/// The session's outbound half, shared by the session loop and the executor.
-#[derive(Clone)]
-pub(crate) struct Wire {
-    tx: mpsc::Sender<AgentMessage>,
-    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Wire {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Sends if the session's queue has room; what does not fit is dropped (for reports
-    /// that are nice to have, like pull progress).
-    pub(crate) fn try_send(&self, kind: agent_message::Kind) -> bool {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.tx.try_send(AgentMessage { seq, kind: Some(kind) }).is_ok()
-    }
-
-    pub(crate) async fn send(&self, kind: agent_message::Kind) -> anyhow::Result<()> {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.tx.send(AgentMessage { seq, kind: Some(kind) }).await.context("the session's outbound stream closed")
-    }
-}
-
 impl Agent {
     /// The credentials for the next connection: stored ones while valid (never
     /// re-enrolling then), otherwise a fresh enrollment with the token.
@@ -350,8 +326,7 @@ impl Agent {
                 return Ended::Failed(anyhow::anyhow!("dialling {}: {}", endpoint.uri(), error_chain(&error)));
             }
         };
-        let (tx, rx) = mpsc::channel(64);
-        let wire = Wire { tx, seq: Default::default() };
+        let (wire, rx) = Wire::channel();
         if let Err(error) = wire.send(agent_message::Kind::Hello(self.hello().await)).await {
             return Ended::Failed(error);
         }

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{link::Wire, runtime::Runtime};
+use crate::{runtime::Runtime, wire::Wire};
 
 /// Output buffered per stream while the session is busy; beyond it, output is dropped.
 pub const BUFFER_BYTES: usize = 1 << 20;
