@@ -19,7 +19,19 @@ use std::{
 use anyhow::Context as _;
 use flotilla::{DropletId, identity};
 
-use crate::link::Credentials;
+/// The agent's credentials: its certificate and key, and the CA it trusts (PEM).
+#[derive(Clone)]
+pub struct Credentials {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
 
 /// Credentials with what the agent needs to know about them.
 #[derive(Clone, Debug)]

@@ -16,4 +16,6 @@ mod logs;
 pub mod runtime;
 mod wire;
 
-pub use link::{AgentConfig, Credentials, Enrollment, IdentitySource, run};
+pub use config::{AgentConfig, Enrollment, IdentitySource};
+pub use identity::Credentials;
+pub use link::run;

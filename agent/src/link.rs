@@ -20,11 +20,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::{
     backoff::{Backoff, worth_logging},
+    config::{AgentConfig, IdentitySource},
     docker::Engine,
-    enroll::{self, Trust},
+    enroll,
     executor::{Executor, Runner},
     host::HostProbe,
-    identity::{Held, Store},
+    identity::{Credentials, Held, Store},
     ledger::Ledger,
     runtime::Runtime,
     wire::Wire,
@@ -80,60 +81,6 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Used until `Welcome` says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
-
-/// The agent's credentials: its certificate and key, and the CA it trusts (PEM).
-#[derive(Clone)]
-pub struct Credentials {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").finish_non_exhaustive()
-    }
-}
-
-/// Where the agent's credentials come from.
-#[derive(Clone, Debug)]
-pub enum IdentitySource {
-    /// Fixed credentials (`--cert`/`--key`, tests): used as they are, never renewed.
-    Fixed(Credentials),
-    /// The state dir: enroll with a token when it holds no valid certificate, renew over
-    /// the session, persist every change.
-    StateDir { store: Store, enrollment: Option<Enrollment> },
-}
-
-/// How to enroll when the state dir has no valid certificate.
-#[derive(Clone)]
-pub struct Enrollment {
-    pub token: String,
-    pub url: String,
-    pub trust: Trust,
-}
-
-impl std::fmt::Debug for Enrollment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the token.
-        f.debug_struct("Enrollment").field("url", &self.url).field("trust", &self.trust).finish_non_exhaustive()
-    }
-}
-
-/// Everything a running agent needs.
-#[derive(Clone)]
-pub struct AgentConfig {
-    pub control_plane: String,
-    pub server_name: Option<String>,
-    pub identity: IdentitySource,
-    pub docker_socket: String,
-    pub disk_path: std::path::PathBuf,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    /// Where the record of applied commands is kept (`commands.log`); `None` keeps it in
-    /// memory only, which loses it when the agent restarts.
-    pub state_dir: Option<std::path::PathBuf>,
-}
 
 /// How a session ended.
 #[derive(Debug)]
