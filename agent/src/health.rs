@@ -18,17 +18,7 @@ use flotilla::{
 use rmcp::{ServiceExt as _, model::ClientInfo, transport::StreamableHttpClientTransport};
 use tokio::task::JoinHandle;
 
-use crate::{runtime::Runtime, wire::Wire};
-
-const PROBE: &str = "dev.flotilla.probe";
-const PORT: &str = "dev.flotilla.probe.port";
-const PATH: &str = "dev.flotilla.probe.path";
-const STATUS: &str = "dev.flotilla.probe.status";
-const INTERVAL: &str = "dev.flotilla.probe.interval-ms";
-const TIMEOUT: &str = "dev.flotilla.probe.timeout-ms";
-const THRESHOLD: &str = "dev.flotilla.probe.threshold";
-const START_PERIOD: &str = "dev.flotilla.probe.start-period-ms";
-const MAX_RESTARTS: &str = "dev.flotilla.probe.max-restarts";
+use crate::{labels, runtime::Runtime, wire::Wire};
 
 /// Restarts for failed health, before a container is given up on, unless the spec's
 /// `on-failure` policy sets its own cap.
@@ -86,26 +76,26 @@ impl ProbeSpec {
         let Some(health) = &spec.health else { return Vec::new() };
         let ms = |d: Duration| d.as_millis().to_string();
         let mut labels = vec![
-            (INTERVAL.to_owned(), ms(health.interval)),
-            (TIMEOUT.to_owned(), ms(health.timeout)),
-            (THRESHOLD.to_owned(), health.failure_threshold.to_string()),
-            (START_PERIOD.to_owned(), ms(health.start_period)),
-            (MAX_RESTARTS.to_owned(), max_restarts(spec).to_string()),
+            (labels::PROBE_INTERVAL_MS.to_owned(), ms(health.interval)),
+            (labels::PROBE_TIMEOUT_MS.to_owned(), ms(health.timeout)),
+            (labels::PROBE_THRESHOLD.to_owned(), health.failure_threshold.to_string()),
+            (labels::PROBE_START_PERIOD_MS.to_owned(), ms(health.start_period)),
+            (labels::PROBE_MAX_RESTARTS.to_owned(), max_restarts(spec).to_string()),
         ];
         match &health.probe {
-            Probe::Docker => labels.push((PROBE.to_owned(), "docker".into())),
+            Probe::Docker => labels.push((labels::PROBE.to_owned(), "docker".into())),
             Probe::Http { port, path, status_min, status_max } => labels.extend([
-                (PROBE.to_owned(), "http".into()),
-                (PORT.to_owned(), port.to_string()),
-                (PATH.to_owned(), path.clone()),
-                (STATUS.to_owned(), format!("{status_min}-{status_max}")),
+                (labels::PROBE.to_owned(), "http".into()),
+                (labels::PROBE_PORT.to_owned(), port.to_string()),
+                (labels::PROBE_PATH.to_owned(), path.clone()),
+                (labels::PROBE_STATUS.to_owned(), format!("{status_min}-{status_max}")),
             ]),
             Probe::Mcp => {
                 let (port, path) = spec.mcp.as_ref().map(|m| (m.port, m.path.clone())).unwrap_or((0, "/mcp".into()));
                 labels.extend([
-                    (PROBE.to_owned(), "mcp".into()),
-                    (PORT.to_owned(), port.to_string()),
-                    (PATH.to_owned(), path),
+                    (labels::PROBE.to_owned(), "mcp".into()),
+                    (labels::PROBE_PORT.to_owned(), port.to_string()),
+                    (labels::PROBE_PATH.to_owned(), path),
                 ]);
             }
         }
@@ -113,15 +103,16 @@ impl ProbeSpec {
     }
 
     pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
-        let max_restarts = labels.get(MAX_RESTARTS).and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_RESTARTS);
+        let max_restarts =
+            labels.get(labels::PROBE_MAX_RESTARTS).and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_RESTARTS);
         let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
-        let port = number(PORT).and_then(|p| u16::try_from(p).ok());
-        let path = labels.get(PATH).cloned().unwrap_or_else(|| "/".into());
-        let kind = match labels.get(PROBE)?.as_str() {
+        let port = number(labels::PROBE_PORT).and_then(|p| u16::try_from(p).ok());
+        let path = labels.get(labels::PROBE_PATH).cloned().unwrap_or_else(|| "/".into());
+        let kind = match labels.get(labels::PROBE)?.as_str() {
             "docker" => Kind::Docker,
             "http" => {
                 let (min, max) = labels
-                    .get(STATUS)
+                    .get(labels::PROBE_STATUS)
                     .and_then(|s| s.split_once('-'))
                     .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
                     .unwrap_or((200, 399));
@@ -132,10 +123,10 @@ impl ProbeSpec {
         };
         Some(Self {
             kind,
-            interval: Duration::from_millis(number(INTERVAL).unwrap_or(10_000)),
-            timeout: Duration::from_millis(number(TIMEOUT).unwrap_or(5_000)),
-            threshold: number(THRESHOLD).and_then(|t| u32::try_from(t).ok()).unwrap_or(3).max(1),
-            start_period: Duration::from_millis(number(START_PERIOD).unwrap_or(0)),
+            interval: Duration::from_millis(number(labels::PROBE_INTERVAL_MS).unwrap_or(10_000)),
+            timeout: Duration::from_millis(number(labels::PROBE_TIMEOUT_MS).unwrap_or(5_000)),
+            threshold: number(labels::PROBE_THRESHOLD).and_then(|t| u32::try_from(t).ok()).unwrap_or(3).max(1),
+            start_period: Duration::from_millis(number(labels::PROBE_START_PERIOD_MS).unwrap_or(0)),
             max_restarts,
         })
     }

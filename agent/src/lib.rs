@@ -10,6 +10,7 @@ mod executor;
 pub mod health;
 pub mod host;
 pub mod identity;
+pub mod labels;
 pub mod ledger;
 pub mod link;
 mod logs;

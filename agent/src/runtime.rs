@@ -33,10 +33,7 @@ use flotilla::{
 use futures::StreamExt as _;
 use uuid::Uuid;
 
-use crate::docker::{LABEL_DROPLET, LABEL_MANAGED};
-
-pub const LABEL_DEPLOYMENT: &str = "dev.flotilla.deployment";
-pub const LABEL_GENERATION: &str = "dev.flotilla.generation";
+use crate::labels;
 
 /// What went wrong, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -87,21 +84,21 @@ impl Runtime {
 
     fn labels(&self, deployment: Uuid, generation: u64) -> HashMap<String, String> {
         HashMap::from([
-            (LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
-            (LABEL_DEPLOYMENT.to_owned(), deployment.to_string()),
-            (LABEL_GENERATION.to_owned(), generation.to_string()),
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::DROPLET.to_owned(), self.droplet.to_string()),
+            (labels::DEPLOYMENT.to_owned(), deployment.to_string()),
+            (labels::GENERATION.to_owned(), generation.to_string()),
         ])
     }
 
     /// Managed containers of this droplet (optionally of one deployment), with their
     /// generation, oldest generation first.
     async fn managed(&self, deployment: Option<Uuid>) -> Result<Vec<(String, Uuid, u64)>, DockerError> {
-        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={}", self.droplet)];
+        let mut filter = labels::managed_by(self.droplet);
         if let Some(deployment) = deployment {
-            labels.push(format!("{LABEL_DEPLOYMENT}={deployment}"));
+            filter.push(format!("{}={deployment}", labels::DEPLOYMENT));
         }
-        let filters = HashMap::from([("label", labels)]);
+        let filters = HashMap::from([("label", filter)]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
         let mut found: Vec<(String, Uuid, u64)> = self
             .docker
@@ -111,11 +108,11 @@ impl Runtime {
             .filter_map(|c| {
                 let labels = c.labels.unwrap_or_default();
                 // The engine filtered on these; check again rather than trust a filter.
-                if labels.get(LABEL_DROPLET) != Some(&self.droplet.to_string()) {
+                if labels.get(labels::DROPLET) != Some(&self.droplet.to_string()) {
                     return None;
                 }
-                let deployment = labels.get(LABEL_DEPLOYMENT)?.parse().ok()?;
-                let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
+                let deployment = labels.get(labels::DEPLOYMENT)?.parse().ok()?;
+                let generation = labels.get(labels::GENERATION)?.parse().ok()?;
                 Some((c.id?, deployment, generation))
             })
             .collect();
@@ -128,7 +125,7 @@ impl Runtime {
         match self.docker.inspect_container(id_or_name, None::<InspectContainerOptions>).await {
             Ok(found) => {
                 let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-                if labels.get(LABEL_DROPLET) == Some(&self.droplet.to_string()) {
+                if labels.get(labels::DROPLET) == Some(&self.droplet.to_string()) {
                     Ok(Some(found))
                 } else {
                     Err(RuntimeError::Foreign(id_or_name.to_owned()))
@@ -233,8 +230,8 @@ impl Runtime {
             name: name.clone(),
             driver: Some("bridge".into()),
             labels: Some(HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
+                (labels::MANAGED.to_owned(), "true".to_owned()),
+                (labels::DROPLET.to_owned(), self.droplet.to_string()),
             ])),
             ..Default::default()
         };
@@ -365,7 +362,7 @@ impl Runtime {
     async fn ensure_volumes(&self, deployment: Uuid, spec: &DeploymentSpec) -> Result<(), RuntimeError> {
         for volume in &spec.volumes {
             let mut labels = self.labels(deployment, 0);
-            labels.remove(LABEL_GENERATION);
+            labels.remove(labels::GENERATION);
             let options = VolumeCreateOptions {
                 name: Some(volume_name(deployment, &volume.name)),
                 labels: Some(labels),
@@ -493,7 +490,7 @@ impl Runtime {
         if remove_volumes {
             let filters = HashMap::from([(
                 "label",
-                vec![format!("{LABEL_DROPLET}={}", self.droplet), format!("{LABEL_DEPLOYMENT}={deployment}")],
+                vec![format!("{}={}", labels::DROPLET, self.droplet), format!("{}={deployment}", labels::DEPLOYMENT)],
             )]);
             let options = bollard::query_parameters::ListVolumesOptionsBuilder::default().filters(&filters).build();
             let volumes = self.docker.list_volumes(Some(options)).await?.volumes.unwrap_or_default();
@@ -605,8 +602,8 @@ pub fn status_of(found: &ContainerInspectResponse) -> ContainerStatus {
         })
         .collect();
     ContainerStatus {
-        deployment_id: labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
-        generation: labels.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+        deployment_id: labels.get(labels::DEPLOYMENT).cloned().unwrap_or_default(),
+        generation: labels.get(labels::GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
         container_id: found.id.clone().unwrap_or_default(),
         name: found.name.clone().unwrap_or_default().trim_start_matches('/').to_owned(),
         image: found.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
