@@ -19,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::{
-    health,
     ledger::Ledger,
     logs::LogStreams,
     runtime::{self, Runtime},
@@ -342,7 +341,7 @@ async fn check_health(runtime: &Runtime, id: &str, deployment: Uuid) -> agent_me
         }
         Err(error) => return reply(false, error.to_string(), Some(status), None),
     };
-    let outcome = health::probe(&target.probe, target.address.as_deref(), target.docker_health).await;
+    let outcome = runtime::probe::probe(&target.probe, target.address.as_deref(), target.docker_health).await;
     let health = HealthStatus {
         health: if outcome.ok { Health::Healthy } else { Health::Unhealthy } as i32,
         detail: outcome.detail,

@@ -35,6 +35,10 @@ use uuid::Uuid;
 
 use crate::labels;
 
+pub mod probe;
+
+use probe::{ProbeSpec, Target};
+
 /// What went wrong, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -149,7 +153,7 @@ impl Runtime {
 
     /// Running managed containers that carry a health check, with their address on the
     /// droplet network.
-    pub async fn probe_targets(&self) -> Result<Vec<crate::health::Target>, RuntimeError> {
+    pub async fn probe_targets(&self) -> Result<Vec<Target>, RuntimeError> {
         let network = network_name(self.droplet);
         let mut targets = Vec::new();
         for (id, _, _) in self.managed(None).await? {
@@ -158,7 +162,7 @@ impl Runtime {
                 continue;
             }
             let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-            let Some(probe) = crate::health::ProbeSpec::from_labels(&labels) else { continue };
+            let Some(probe) = ProbeSpec::from_labels(&labels) else { continue };
             let address = found
                 .network_settings
                 .as_ref()
@@ -168,13 +172,13 @@ impl Runtime {
                 .filter(|ip| !ip.is_empty());
             let status = status_of(&found);
             let docker_health = status.health.as_ref().map(|h| h.health());
-            targets.push(crate::health::Target { container_id: id, probe, address, docker_health, status });
+            targets.push(Target { container_id: id, probe, address, docker_health, status });
         }
         Ok(targets)
     }
 
     /// The probe target of a deployment's running container, if it has a health check.
-    pub async fn probe_target(&self, deployment: Uuid) -> Result<Option<crate::health::Target>, RuntimeError> {
+    pub async fn probe_target(&self, deployment: Uuid) -> Result<Option<Target>, RuntimeError> {
         let wanted = deployment.to_string();
         Ok(self.probe_targets().await?.into_iter().find(|t| t.status.deployment_id == wanted))
     }
@@ -292,7 +296,7 @@ impl Runtime {
     ) -> ContainerCreateBody {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.extend(self.labels(deployment, generation));
-        labels.extend(crate::health::ProbeSpec::labels(spec));
+        labels.extend(ProbeSpec::labels(spec));
         let mut exposed = HashMap::new();
         let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
         for port in &spec.ports {
