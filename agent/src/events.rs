@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     labels,
-    runtime::{Runtime, status_of},
+    runtime::{Runtime, status::status_of},
     wire::Wire,
 };
 

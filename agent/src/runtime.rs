@@ -15,9 +15,9 @@ use bollard::{
     auth::DockerCredentials,
     errors::Error as DockerError,
     models::{
-        ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum,
-        HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, NetworkCreateRequest, NetworkingConfig, PortBinding,
-        RestartPolicy, RestartPolicyNameEnum, VolumeCreateOptions,
+        ContainerCreateBody, ContainerInspectResponse, EndpointSettings, HostConfig, HostConfigLogConfig, Mount,
+        MountTypeEnum, NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+        VolumeCreateOptions,
     },
     query_parameters::{
         CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
@@ -27,7 +27,7 @@ use bollard::{
 };
 use flotilla::{
     DropletId,
-    proto::{self, ContainerState, ContainerStatus, Health, HealthStatus, PublishedPort},
+    proto::{self, ContainerStatus},
     spec::{DeploymentSpec, PullPolicy, RestartMode},
 };
 use futures::StreamExt as _;
@@ -36,8 +36,12 @@ use uuid::Uuid;
 use crate::labels;
 
 pub mod probe;
+mod pull;
+pub mod status;
 
 use probe::{ProbeSpec, Target};
+use pull::PullReport;
+use status::status_of;
 
 /// What went wrong, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -506,123 +510,8 @@ impl Runtime {
     }
 }
 
-/// Turns Docker's pull stream into a few lines worth an event: each layer once when it is
-/// done, byte counts at most every [`PullReport::EVERY`], and the outcome.
-#[derive(Default)]
-struct PullReport {
-    layers: std::collections::BTreeMap<String, (u64, u64)>,
-    done: usize,
-    last: Option<std::time::Instant>,
-    outcome: Option<String>,
-}
-
-impl PullReport {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-    fn step(
-        &mut self,
-        layer: Option<&str>,
-        status: Option<&str>,
-        detail: Option<bollard::models::ProgressDetail>,
-    ) -> Option<String> {
-        let status = status?;
-        let Some(layer) = layer.filter(|l| l.len() == 12) else {
-            // "Status: Downloaded newer image for …", "Digest: sha256:…".
-            if status.starts_with("Status:") || status.starts_with("Digest:") {
-                let outcome = self.outcome.get_or_insert_with(String::new);
-                if !outcome.is_empty() {
-                    outcome.push_str("; ");
-                }
-                outcome.push_str(status);
-            }
-            return None;
-        };
-        if status == "Pull complete" || status == "Already exists" {
-            self.done += 1;
-            return Some(format!("layer {layer}: {}", status.to_lowercase()));
-        }
-        if let Some(detail) = detail {
-            let current = detail.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
-            let total = detail.total.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
-            self.layers.insert(layer.to_owned(), (current, total));
-        }
-        if status == "Downloading" && self.last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
-            self.last = Some(std::time::Instant::now());
-            let (current, total) = self.layers.values().fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
-            return Some(format!("downloading: {} of {} bytes", current, total));
-        }
-        None
-    }
-
-    fn finished(&self, image: &str) -> String {
-        let outcome = self.outcome.as_deref().unwrap_or("done");
-        format!("pulled {image}: {outcome} ({} layers)", self.done)
-    }
-}
-
 fn volume_name(deployment: Uuid, name: &str) -> String {
     format!("flotilla-{deployment}-{name}")
-}
-
-/// What Docker says about a container, in the protocol's terms.
-pub fn status_of(found: &ContainerInspectResponse) -> ContainerStatus {
-    let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-    let state = found.state.as_ref();
-    let container_state = match state.and_then(|s| s.status) {
-        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
-        Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
-        Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
-        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
-        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
-        Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
-        _ => ContainerState::Unspecified,
-    };
-    let health = state.and_then(|s| s.health.as_ref()).and_then(|h| h.status).map(|status| HealthStatus {
-        health: match status {
-            HealthStatusEnum::STARTING => Health::Starting,
-            HealthStatusEnum::HEALTHY => Health::Healthy,
-            HealthStatusEnum::UNHEALTHY => Health::Unhealthy,
-            _ => Health::Unspecified,
-        } as i32,
-        detail: "the image's HEALTHCHECK".into(),
-        ..Default::default()
-    });
-    let ports = found
-        .network_settings
-        .as_ref()
-        .and_then(|n| n.ports.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|(key, bindings)| {
-            let (port, protocol) = key.split_once('/').map_or((key.as_str(), "tcp"), |(p, proto)| (p, proto));
-            let container_port: u32 = port.parse().unwrap_or(0);
-            let protocol = protocol.to_owned();
-            bindings.unwrap_or_default().into_iter().map(move |b| PublishedPort {
-                container_port,
-                host_port: b.host_port.and_then(|p| p.parse().ok()).unwrap_or(0),
-                protocol: protocol.clone(),
-                host_ip: b.host_ip.unwrap_or_default(),
-            })
-        })
-        .collect();
-    ContainerStatus {
-        deployment_id: labels.get(labels::DEPLOYMENT).cloned().unwrap_or_default(),
-        generation: labels.get(labels::GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
-        container_id: found.id.clone().unwrap_or_default(),
-        name: found.name.clone().unwrap_or_default().trim_start_matches('/').to_owned(),
-        image: found.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
-        state: container_state as i32,
-        health,
-        restart_count: found.restart_count.and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
-        ports,
-        started_at: state
-            .and_then(|s| s.started_at.as_deref())
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .filter(|t| t.timestamp() > 0)
-            .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }),
-        exit_code: state.and_then(|s| s.exit_code).filter(|_| container_state == ContainerState::Exited),
-        mcp_server: None,
-    }
 }
 
 /// The spec of a `Deploy` command, validated again here before Docker is touched.
