@@ -54,14 +54,6 @@ impl Held {
     pub fn expired(&self) -> bool {
         SystemTime::now() >= self.not_after
     }
-
-    /// When to renew: a random point between 50% and 80% of the validity period, so a
-    /// fleet enrolled together does not renew together.
-    pub fn renew_at(&self) -> SystemTime {
-        let period = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        let fraction = rand::random_range(0.5..0.8);
-        self.not_before + period.mul_f64(fraction)
-    }
 }
 
 pub fn first_cert(pem: &str) -> anyhow::Result<Vec<u8>> {
@@ -168,24 +160,6 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renewal_falls_between_half_and_four_fifths_of_the_validity() {
-        let not_before = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let held = Held {
-            credentials: Credentials { cert_pem: String::new(), key_pem: String::new(), ca_pem: String::new() },
-            droplet: DropletId::new(),
-            not_before,
-            not_after: not_before + Duration::from_secs(1000),
-        };
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..500 {
-            let at = held.renew_at().duration_since(not_before).expect("after notBefore");
-            assert!(at >= Duration::from_secs(500) && at < Duration::from_secs(800), "{at:?}");
-            seen.insert(at.as_secs());
-        }
-        assert!(seen.len() > 100, "renewal times are spread");
-    }
 
     #[test]
     fn identity_files_are_private_and_replaced_whole() -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
-    backoff::{Backoff, worth_logging},
+    backoff::{Reconnect, SessionEnd, worth_logging},
     config::{AgentConfig, IdentitySource},
     docker::Engine,
     enroll,
@@ -31,54 +31,12 @@ use crate::{
     wire::Wire,
 };
 
-/// When to renew the certificate, and the key waiting for its certificate.
-struct Renewal {
-    at: Option<tokio::time::Instant>,
-    pending: Option<rcgen::KeyPair>,
-}
+mod renewal;
 
-impl Renewal {
-    fn new(enabled: bool, held: Option<&Held>) -> Self {
-        let at = held.filter(|_| enabled).map(|h| instant_of(h.renew_at()));
-        Self { at, pending: None }
-    }
-
-    /// Resolves when a renewal is due; never if renewal is off.
-    async fn due(&self) {
-        match self.at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// A request went out: if no certificate comes back, ask again in a while.
-    fn sent(&mut self, key: rcgen::KeyPair) {
-        self.pending = Some(key);
-        self.sent_failed();
-    }
-
-    fn sent_failed(&mut self) {
-        self.at = Some(Instant::now() + Duration::from_secs(5));
-    }
-
-    fn take_key(&mut self) -> Option<rcgen::KeyPair> {
-        self.pending.take()
-    }
-
-    fn renewed(&mut self, held: &Held) {
-        self.at = Some(instant_of(held.renew_at()));
-    }
-}
-
-fn instant_of(at: std::time::SystemTime) -> tokio::time::Instant {
-    let from_now = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-    Instant::now() + from_now
-}
+use renewal::Renewal;
 
 /// The control plane must answer `Hello` within this.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
-/// A session that lasted this long resets the back-off.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Used until `Welcome` says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -112,8 +70,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         },
         held: None,
     };
-    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(config.initial_backoff, config.max_backoff);
     loop {
         let started = Instant::now();
         let (ended, welcomed) = match agent.credentials(&config).await {
@@ -125,10 +82,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Err(CredentialsError::Fatal(error)) => return Err(error),
             Err(CredentialsError::Retry(error)) => (Ended::Failed(error), false),
         };
-        if welcomed && started.elapsed() >= HEALTHY_SESSION {
-            backoff.reset();
-            failures = 0;
-        }
         let delay = match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Goodbye(goodbye) => {
@@ -141,17 +94,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     Reason::Revoked => tracing::error!("the control plane revoked this droplet: {}", goodbye.message),
                     reason => tracing::info!(?reason, ?hint, "the control plane said goodbye: {}", goodbye.message),
                 }
-                if !welcomed {
-                    failures += 1;
-                }
-                // The hint is a floor: honour it, but never dial sooner than back-off says
-                // after repeated failures.
-                let backoff_delay = if welcomed { Duration::ZERO } else { backoff.next_delay() };
-                hint.unwrap_or(Duration::ZERO).max(backoff_delay).max(Duration::from_millis(1))
+                reconnect.after(started, welcomed, SessionEnd::Goodbye { reconnect_after: hint })
             }
             Ended::Failed(error) => {
-                failures += 1;
-                let delay = backoff.next_delay();
+                let delay = reconnect.after(started, welcomed, SessionEnd::Failed);
+                let failures = reconnect.failures();
                 if worth_logging(failures) {
                     tracing::warn!(failures, retry_in = ?delay, "no session with the control plane: {error:#}");
                 } else {
