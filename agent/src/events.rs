@@ -15,6 +15,7 @@ use bollard::{
 use flotilla::proto::{ContainerEvent, ContainerState, ContainerStatus, agent_message};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::{
     labels,
@@ -40,16 +41,19 @@ impl Drop for Follower {
 
 impl Follower {
     pub(crate) fn start(docker: Docker, runtime: Runtime, wire: Wire) -> Self {
-        let task = tokio::spawn(async move {
-            loop {
-                follow(&docker, &runtime, &wire).await;
-                if wire.is_closed() {
-                    return;
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    follow(&docker, &runtime, &wire).await;
+                    if wire.is_closed() {
+                        return;
+                    }
+                    // The stream ended (engine restart?): subscribe again shortly.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                // The stream ended (engine restart?): subscribe again shortly.
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        });
+            .in_current_span(),
+        );
         Self { task }
     }
 }

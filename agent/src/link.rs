@@ -53,6 +53,7 @@ enum Ended {
 
 /// Runs the agent until `shutdown` is cancelled. Returns an error only for what needs an
 /// operator: no usable credentials, a refused enrollment, a bad configuration.
+#[tracing::instrument(name = "agent", skip_all, fields(droplet_id = tracing::field::Empty))]
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ledger = match &config.state_dir {
         Some(dir) => Ledger::open(dir).with_context(|| format!("opening the command record in {}", dir.display()))?,
@@ -75,6 +76,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let started = Instant::now();
         let (ended, welcomed) = match agent.credentials(&config).await {
             Ok(held) => {
+                tracing::Span::current().record("droplet_id", tracing::field::display(held.droplet));
                 let endpoint = endpoint(&config, &held.credentials)?;
                 agent.held = Some(held);
                 agent.session(&endpoint, &shutdown).await
@@ -204,6 +206,7 @@ impl Agent {
     }
 
     /// One session, from dial to end. Returns how it ended and whether `Welcome` came.
+    #[tracing::instrument(skip_all, fields(control_plane = %endpoint.uri(), session_id = tracing::field::Empty))]
     async fn session(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken) -> (Ended, bool) {
         let mut welcomed = false;
         let ended = tokio::select! {
@@ -252,13 +255,14 @@ impl Agent {
             }
         };
         *welcomed = true;
+        tracing::Span::current().record("session_id", welcome.session_id.as_str());
         self.droplet = welcome.droplet_id.parse().ok();
         let interval = welcome
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_HEARTBEAT);
-        tracing::info!(droplet_id = %welcome.droplet_id, session_id = %welcome.session_id, heartbeat = ?interval, "session open");
+        tracing::info!(droplet_id = %welcome.droplet_id, heartbeat = ?interval, "session open");
 
         if let (Some(store), Some(bundle)) = (&self.store, &welcome.trust_bundle)
             && let Err(error) = store.save_bundle(&bundle.ca_certificates_pem)

@@ -170,7 +170,10 @@ async fn probe_http(url: &str, min: u16, max: u16, timeout: Duration) -> Result<
     }
 }
 
-pub async fn probe(spec: &ProbeSpec, address: Option<&str>, docker_health: Option<Health>) -> Outcome {
+/// Probes `target` once, the way its health check says.
+#[tracing::instrument(skip_all, fields(deployment_id = %target.status.deployment_id, container = %target.container_id))]
+pub async fn probe(target: &Target) -> Outcome {
+    let (spec, address, docker_health) = (&target.probe, target.address.as_deref(), target.docker_health);
     let started = Instant::now();
     let result: Result<(String, Option<McpServer>), String> = match (&spec.kind, address) {
         (Kind::Docker, _) => match docker_health {
