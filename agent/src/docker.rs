@@ -1,4 +1,5 @@
-//! The local Docker engine, through bollard.
+//! The connection to the local Docker engine (bollard): made lazily, an API version agreed
+//! with the engine, and this droplet's container count for heartbeats.
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,4 +1,5 @@
-//! The droplet's credentials on disk, in the agent's state dir:
+//! The droplet's credentials ([`Credentials`], and [`Held`]: what they say about the
+//! droplet), and where they are kept in the agent's state dir:
 //!
 //! - `identity.pem`: the certificate (leaf first) followed by its private key, mode 0600,
 //!   replaced atomically (write, fsync, rename) so a crash leaves the old pair or the new

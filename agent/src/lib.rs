@@ -1,5 +1,12 @@
 //! The Flotilla agent: one per droplet. It dials out to the control plane over mutual
-//! TLS, reports its host and keeps the session alive.
+//! TLS, reports its host, and runs the containers of the deployments it is given.
+//!
+//! Layers, top down (`scripts/layers-agent.sh` checks there is no circle): `link` holds the
+//! session and is the only module that starts the others' tasks; `executor`, `health`,
+//! `events` and `logs` act and report over the session's `wire`; they reach Docker
+//! through `runtime` (and its `probe`, `status`, `pull`), which names only `labels`.
+//! `config`, `identity`, `enroll`, `ledger`, `backoff`, `host` and `docker` are leaves or
+//! nearly so.
 
 pub mod backoff;
 pub mod config;

@@ -1,5 +1,9 @@
-//! The agent's link to the control plane: dial out, hold one session, heartbeat at the
-//! pace the control plane sets, and reconnect forever with capped, jittered back-off.
+//! The agent's link to the control plane: get credentials (stored, or enrolled with a
+//! token), dial out, hold one session, heartbeat at the pace the control plane sets, renew
+//! the certificate over it (`renewal`), and reconnect forever as [`crate::backoff`] says.
+//!
+//! The agent's wiring: the only module that starts the executor, the health monitor and the
+//! event follower, each session handing them its [`Wire`].
 
 use std::time::Duration;
 

@@ -1,9 +1,11 @@
 //! The agent's hands on the local Docker engine: deploy, start, stop, restart and remove
-//! the containers of deployments, and report what is really there.
+//! the containers of deployments, and report what is really there ([`status`]), with the
+//! health checks they carry ([`probe`]) and the progress of image pulls (`pull`).
 //!
 //! Scoping: every container the agent makes carries `dev.flotilla.managed=true`,
 //! `dev.flotilla.droplet=<this droplet>`, `dev.flotilla.deployment=<id>` and
-//! `dev.flotilla.generation=<n>`, and is named `flotilla-<deployment>-g<generation>`. The
+//! `dev.flotilla.generation=<n>` (the keys are in [`crate::labels`]), and is named
+//! `flotilla-<deployment>-g<generation>`. The
 //! agent lists only containers carrying its own droplet label and refuses to touch a
 //! container of a matching name that lacks them: anything else on the host, including
 //! another agent's containers on a shared engine, is invisible to it.
