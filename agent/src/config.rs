@@ -1,8 +1,14 @@
-//! The agent's configuration: flags with environment fallbacks.
+//! The agent's configuration: the command line (flags with environment fallbacks), and
+//! [`AgentConfig`], what a running agent is built from (by `main`, or by a test).
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
+
+use crate::{
+    enroll::Trust,
+    identity::{Credentials, Store},
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flotilla-agent", version, about = "The Flotilla agent: one per droplet")]
@@ -70,6 +76,46 @@ impl AgentArgs {
     pub fn ca_path(&self) -> PathBuf {
         self.ca.clone().unwrap_or_else(|| self.state_dir.join("ca.crt"))
     }
+}
+
+/// Where the agent's credentials come from.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// Fixed credentials (`--cert`/`--key`, tests): used as they are, never renewed.
+    Fixed(Credentials),
+    /// The state dir: enroll with a token when it holds no valid certificate, renew over
+    /// the session, persist every change.
+    StateDir { store: Store, enrollment: Option<Enrollment> },
+}
+
+/// How to enroll when the state dir has no valid certificate.
+#[derive(Clone)]
+pub struct Enrollment {
+    pub token: String,
+    pub url: String,
+    pub trust: Trust,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Enrollment").field("url", &self.url).field("trust", &self.trust).finish_non_exhaustive()
+    }
+}
+
+/// Everything a running agent needs.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub control_plane: String,
+    pub server_name: Option<String>,
+    pub identity: IdentitySource,
+    pub docker_socket: String,
+    pub disk_path: std::path::PathBuf,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Where the record of applied commands is kept (`commands.log`); `None` keeps it in
+    /// memory only, which loses it when the agent restarts.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]

@@ -1,13 +1,12 @@
-//! The local Docker engine, through bollard.
+//! The connection to the local Docker engine (bollard): made lazily, an API version agreed
+//! with the engine, and this droplet's container count for heartbeats.
 
 use std::{collections::HashMap, time::Duration};
 
 use bollard::{API_DEFAULT_VERSION, Docker, query_parameters::ListContainersOptionsBuilder};
 use flotilla::DropletId;
 
-/// Every container the agent manages carries these labels.
-pub const LABEL_MANAGED: &str = "dev.flotilla.managed";
-pub const LABEL_DROPLET: &str = "dev.flotilla.droplet";
+use crate::labels;
 
 /// A handle on the engine, or why there is none.
 #[derive(Clone)]
@@ -55,8 +54,7 @@ impl Engine {
         if !self.answered {
             return 0;
         }
-        let filters =
-            HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={droplet}")])]);
+        let filters = HashMap::from([("label", labels::managed_by(droplet))]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
         match docker.list_containers(Some(options)).await {
             Ok(list) => u32::try_from(list.len()).unwrap_or(u32::MAX),

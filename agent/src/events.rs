@@ -15,11 +15,12 @@ use bollard::{
 use flotilla::proto::{ContainerEvent, ContainerState, ContainerStatus, agent_message};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::{
-    docker::{LABEL_DROPLET, LABEL_MANAGED},
-    link::Wire,
-    runtime::{LABEL_DEPLOYMENT, LABEL_GENERATION, Runtime, status_of},
+    labels,
+    runtime::{Runtime, status::status_of},
+    wire::Wire,
 };
 
 /// Docker actions worth reporting; others (attach, exec_*, ...) are noise.
@@ -40,25 +41,26 @@ impl Drop for Follower {
 
 impl Follower {
     pub(crate) fn start(docker: Docker, runtime: Runtime, wire: Wire) -> Self {
-        let task = tokio::spawn(async move {
-            loop {
-                follow(&docker, &runtime, &wire).await;
-                if wire.is_closed() {
-                    return;
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    follow(&docker, &runtime, &wire).await;
+                    if wire.is_closed() {
+                        return;
+                    }
+                    // The stream ended (engine restart?): subscribe again shortly.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                // The stream ended (engine restart?): subscribe again shortly.
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        });
+            .in_current_span(),
+        );
         Self { task }
     }
 }
 
 async fn follow(docker: &Docker, runtime: &Runtime, wire: &Wire) {
-    let filters = HashMap::from([
-        ("type", vec!["container".to_owned()]),
-        ("label", vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={}", runtime.droplet())]),
-    ]);
+    let filters =
+        HashMap::from([("type", vec!["container".to_owned()]), ("label", labels::managed_by(runtime.droplet()))]);
     let mut events = docker.events(Some(EventsOptionsBuilder::default().filters(&filters).build()));
     while let Some(event) = events.next().await {
         let event = match event {
@@ -72,7 +74,7 @@ async fn follow(docker: &Docker, runtime: &Runtime, wire: &Wire) {
         let actor = event.actor.unwrap_or_default();
         let attributes = actor.attributes.unwrap_or_default();
         // The engine filtered on our labels; check again rather than trust a filter.
-        if attributes.get(LABEL_DROPLET) != Some(&runtime.droplet().to_string()) {
+        if attributes.get(labels::DROPLET) != Some(&runtime.droplet().to_string()) {
             continue;
         }
         let id = actor.id.unwrap_or_default();
@@ -86,8 +88,8 @@ async fn follow(docker: &Docker, runtime: &Runtime, wire: &Wire) {
             // Gone (destroy): report what the event says.
             Err(_) => (
                 ContainerStatus {
-                    deployment_id: attributes.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
-                    generation: attributes.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+                    deployment_id: attributes.get(labels::DEPLOYMENT).cloned().unwrap_or_default(),
+                    generation: attributes.get(labels::GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
                     container_id: id.clone(),
                     name: attributes.get("name").cloned().unwrap_or_default(),
                     state: if action == "destroy" { ContainerState::Removed } else { ContainerState::Dead } as i32,

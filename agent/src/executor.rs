@@ -16,14 +16,14 @@ use flotilla::proto::{
     agent_message, command,
 };
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
-    health,
     ledger::Ledger,
-    link::Wire,
     logs::LogStreams,
     runtime::{self, Runtime},
+    wire::Wire,
 };
 
 /// Commands waiting behind the one running.
@@ -51,30 +51,15 @@ impl Runner {
         let pending: Arc<Mutex<HashSet<String>>> = Arc::default();
         {
             let (ledger, pending) = (ledger.clone(), pending.clone());
-            tokio::spawn(async move {
-                while let Some((command, runtime)) = commands.recv().await {
-                    let id = command.id.clone();
-                    let wire = current.borrow().clone();
-                    let reply = execute(runtime.as_ref(), command, wire.as_ref()).await;
-                    // On disk before it is reported: a result the control plane has seen
-                    // is never applied again.
-                    if let agent_message::Kind::CommandResult(result) = &reply
-                        && let Err(error) = ledger.record(result)
-                    {
-                        tracing::error!(command_id = %id, %error, "could not record a command's result; a repeat of it would run again");
-                    }
-                    lock(&pending).remove(&id);
-                    let wire = current.borrow().clone();
-                    match wire {
-                        Some(wire) => {
-                            if let Err(error) = wire.send(reply).await {
-                                tracing::debug!(command_id = %id, "result recorded, not reported: {error:#}");
-                            }
-                        }
-                        None => tracing::debug!(command_id = %id, "result recorded; reported when asked again"),
+            tokio::spawn(
+                async move {
+                    while let Some((command, runtime)) = commands.recv().await {
+                        let wire = current.borrow().clone();
+                        apply(&ledger, &pending, &current, command, runtime, wire).await;
                     }
                 }
-            });
+                .in_current_span(),
+            );
         }
         Self { queue, wire: Arc::new(wire), ledger, pending }
     }
@@ -83,6 +68,54 @@ impl Runner {
     pub(crate) fn attach(&self, wire: Wire) {
         self.wire.send_replace(Some(wire));
     }
+}
+
+/// Runs one command to its end, records its result and reports it on the session open by
+/// then, if any.
+#[tracing::instrument(skip_all, fields(command_id = %command.id, deployment_id = deployment_of(&command)))]
+async fn apply(
+    ledger: &Ledger,
+    pending: &Mutex<HashSet<String>>,
+    current: &watch::Receiver<Option<Wire>>,
+    command: Command,
+    runtime: Result<Runtime, String>,
+    wire: Option<Wire>,
+) {
+    let id = command.id.clone();
+    let reply = execute(runtime.as_ref(), command, wire.as_ref()).await;
+    // On disk before it is reported: a result the control plane has seen is never
+    // applied again.
+    if let agent_message::Kind::CommandResult(result) = &reply
+        && let Err(error) = ledger.record(result)
+    {
+        tracing::error!(%error, "could not record a command's result; a repeat of it would run again");
+    }
+    lock(pending).remove(&id);
+    let wire = current.borrow().clone();
+    match wire {
+        Some(wire) => {
+            if let Err(error) = wire.send(reply).await {
+                tracing::debug!("result recorded, not reported: {error:#}");
+            }
+        }
+        None => tracing::debug!("result recorded; reported when asked again"),
+    }
+}
+
+/// The deployment a command or request concerns, if it names one.
+fn deployment_of(command: &Command) -> Option<&str> {
+    let id = match command.kind.as_ref()? {
+        command::Kind::Deploy(deploy) => &deploy.deployment_id,
+        command::Kind::Start(start) => &start.deployment_id,
+        command::Kind::Stop(stop) => &stop.deployment_id,
+        command::Kind::Restart(restart) => &restart.deployment_id,
+        command::Kind::Remove(remove) => &remove.deployment_id,
+        command::Kind::Inspect(inspect) => &inspect.deployment_id,
+        command::Kind::CheckHealth(check) => &check.deployment_id,
+        command::Kind::FetchLogs(fetch) => &fetch.deployment_id,
+        command::Kind::CancelLogs(_) => return None,
+    };
+    Some(id.as_str())
 }
 
 /// One session's view: requests run here, commands go to the agent's [`Runner`].
@@ -100,6 +133,7 @@ impl Executor {
 
     /// Commands are acknowledged and queued: they run one at a time, in order. Requests
     /// only read, so they run at once, beside the commands.
+    #[tracing::instrument(skip_all, fields(command_id = %command.id, deployment_id = deployment_of(&command)))]
     pub(crate) async fn submit(&self, command: Command, wire: &Wire) {
         match command.kind {
             Some(command::Kind::FetchLogs(fetch)) => match &self.runtime {
@@ -113,10 +147,13 @@ impl Executor {
             Some(command::Kind::Inspect(_) | command::Kind::CheckHealth(_)) => {
                 let runtime = self.runtime.clone();
                 let wire = wire.clone();
-                tokio::spawn(async move {
-                    let reply = execute(runtime.as_ref(), command, Some(&wire)).await;
-                    let _ = wire.send(reply).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let reply = execute(runtime.as_ref(), command, Some(&wire)).await;
+                        let _ = wire.send(reply).await;
+                    }
+                    .in_current_span(),
+                );
             }
             _ => {
                 let ack = flotilla::proto::CommandAck { command_id: command.id.clone() };
@@ -125,7 +162,7 @@ impl Executor {
                 if let Some(result) = runner.ledger.result(&command.id) {
                     // Applied already (before a reconnect, or before this agent restarted):
                     // the same answer again, and Docker is not touched.
-                    tracing::info!(command_id = %command.id, "a repeated command, answered from the record");
+                    tracing::info!("a repeated command, answered from the record");
                     let _ = wire.send(agent_message::Kind::CommandResult(result)).await;
                     return;
                 }
@@ -213,7 +250,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: Opt
             return failed(&id, is_command, format!("the Docker engine is unavailable: {why}"), None);
         }
     };
-    tracing::info!(command_id = %id, kind = kind.name(), "running");
+    tracing::info!(kind = kind.name(), "running");
     let outcome: Result<Option<ContainerStatus>, (String, Option<Uuid>)> = match &kind {
         command::Kind::Deploy(deploy) => match runtime::validate(deploy) {
             Err(invalid) => Err((invalid, None)),
@@ -287,7 +324,7 @@ async fn execute(runtime: Result<&Runtime, &String>, command: Command, wire: Opt
             container,
         }),
         Err((message, deployment)) => {
-            tracing::warn!(command_id = %id, "failed: {message}");
+            tracing::warn!("failed: {message}");
             // Report the container as it is now, so the control plane's view stays true.
             let container = match deployment {
                 Some(d) => runtime.status(d).await.ok(),
@@ -342,7 +379,7 @@ async fn check_health(runtime: &Runtime, id: &str, deployment: Uuid) -> agent_me
         }
         Err(error) => return reply(false, error.to_string(), Some(status), None),
     };
-    let outcome = health::probe(&target.probe, target.address.as_deref(), target.docker_health).await;
+    let outcome = runtime::probe::probe(&target).await;
     let health = HealthStatus {
         health: if outcome.ok { Health::Healthy } else { Health::Unhealthy } as i32,
         detail: outcome.detail,

@@ -1,70 +1,30 @@
-//! Health that tells the truth: the image's Docker `HEALTHCHECK`, an HTTP probe, or an
-//! MCP probe that speaks MCP (`initialize`, then `tools/list` over streamable HTTP, with the
-//! official Rust SDK) and is healthy only when the server answers.
-//!
-//! The probe's settings travel with the container as `dev.flotilla.probe.*` labels, so an
-//! agent that restarts picks them up again from the engine. Probes reach containers at
-//! their address on the per-droplet network, so no port needs publishing.
+//! Self-healing: the health monitor probes every running managed container that has a
+//! health check (the probes are [`crate::runtime::probe`]'s), reports each change of health
+//! or of an MCP server's tools, restarts a container that stays unhealthy (with growing
+//! waits) and stops it, reported crash-looping, once it has used its restarts.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
 
-use flotilla::{
-    proto::{ContainerEvent, ContainerStatus, Health, HealthStatus, McpServer, McpTool, agent_message},
-    spec::{DeploymentSpec, Probe},
-};
-use rmcp::{ServiceExt as _, model::ClientInfo, transport::StreamableHttpClientTransport};
+use flotilla::proto::{ContainerEvent, Health, HealthStatus, McpServer, agent_message};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
-use crate::{link::Wire, runtime::Runtime};
+use crate::{
+    runtime::{
+        Runtime,
+        probe::{Target, probe},
+    },
+    wire::Wire,
+};
 
-const PROBE: &str = "dev.flotilla.probe";
-const PORT: &str = "dev.flotilla.probe.port";
-const PATH: &str = "dev.flotilla.probe.path";
-const STATUS: &str = "dev.flotilla.probe.status";
-const INTERVAL: &str = "dev.flotilla.probe.interval-ms";
-const TIMEOUT: &str = "dev.flotilla.probe.timeout-ms";
-const THRESHOLD: &str = "dev.flotilla.probe.threshold";
-const START_PERIOD: &str = "dev.flotilla.probe.start-period-ms";
-const MAX_RESTARTS: &str = "dev.flotilla.probe.max-restarts";
-
-/// Restarts for failed health, before a container is given up on, unless the spec's
-/// `on-failure` policy sets its own cap.
-const DEFAULT_MAX_RESTARTS: u32 = 5;
 /// The wait before the first restart for failed health; it doubles per restart.
 const HEAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_HEAL_BACKOFF: Duration = Duration::from_secs(300);
 /// Healthy this long, a container's restart count starts over.
 const HEALTHY_RESETS_AFTER: Duration = Duration::from_secs(300);
-
-/// How a container is probed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
-    Docker,
-    Http { port: u16, path: String, min: u16, max: u16 },
-    Mcp { port: u16, path: String },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeSpec {
-    pub kind: Kind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub threshold: u32,
-    pub start_period: Duration,
-    /// Restarts for failed health before the container is stopped and reported
-    /// crash-looping.
-    pub max_restarts: u32,
-}
-
-fn max_restarts(spec: &DeploymentSpec) -> u32 {
-    match spec.restart {
-        flotilla::spec::RestartMode::OnFailure { max_retries } => max_retries,
-        _ => DEFAULT_MAX_RESTARTS,
-    }
-}
 
 /// The wait after the `n`th restart before another: 1 s, 2 s, 4 s, ... at most 5 min.
 pub fn heal_backoff(n: u32) -> Duration {
@@ -78,160 +38,6 @@ struct Healing {
     next_allowed: Option<Instant>,
     healthy_since: Option<Instant>,
     given_up: bool,
-}
-
-impl ProbeSpec {
-    /// The labels that carry a spec's health check, if it has one.
-    pub fn labels(spec: &DeploymentSpec) -> Vec<(String, String)> {
-        let Some(health) = &spec.health else { return Vec::new() };
-        let ms = |d: Duration| d.as_millis().to_string();
-        let mut labels = vec![
-            (INTERVAL.to_owned(), ms(health.interval)),
-            (TIMEOUT.to_owned(), ms(health.timeout)),
-            (THRESHOLD.to_owned(), health.failure_threshold.to_string()),
-            (START_PERIOD.to_owned(), ms(health.start_period)),
-            (MAX_RESTARTS.to_owned(), max_restarts(spec).to_string()),
-        ];
-        match &health.probe {
-            Probe::Docker => labels.push((PROBE.to_owned(), "docker".into())),
-            Probe::Http { port, path, status_min, status_max } => labels.extend([
-                (PROBE.to_owned(), "http".into()),
-                (PORT.to_owned(), port.to_string()),
-                (PATH.to_owned(), path.clone()),
-                (STATUS.to_owned(), format!("{status_min}-{status_max}")),
-            ]),
-            Probe::Mcp => {
-                let (port, path) = spec.mcp.as_ref().map(|m| (m.port, m.path.clone())).unwrap_or((0, "/mcp".into()));
-                labels.extend([
-                    (PROBE.to_owned(), "mcp".into()),
-                    (PORT.to_owned(), port.to_string()),
-                    (PATH.to_owned(), path),
-                ]);
-            }
-        }
-        labels
-    }
-
-    pub fn from_labels(labels: &HashMap<String, String>) -> Option<Self> {
-        let max_restarts = labels.get(MAX_RESTARTS).and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_RESTARTS);
-        let number = |key: &str| labels.get(key).and_then(|v| v.parse::<u64>().ok());
-        let port = number(PORT).and_then(|p| u16::try_from(p).ok());
-        let path = labels.get(PATH).cloned().unwrap_or_else(|| "/".into());
-        let kind = match labels.get(PROBE)?.as_str() {
-            "docker" => Kind::Docker,
-            "http" => {
-                let (min, max) = labels
-                    .get(STATUS)
-                    .and_then(|s| s.split_once('-'))
-                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-                    .unwrap_or((200, 399));
-                Kind::Http { port: port?, path, min, max }
-            }
-            "mcp" => Kind::Mcp { port: port?, path },
-            _ => return None,
-        };
-        Some(Self {
-            kind,
-            interval: Duration::from_millis(number(INTERVAL).unwrap_or(10_000)),
-            timeout: Duration::from_millis(number(TIMEOUT).unwrap_or(5_000)),
-            threshold: number(THRESHOLD).and_then(|t| u32::try_from(t).ok()).unwrap_or(3).max(1),
-            start_period: Duration::from_millis(number(START_PERIOD).unwrap_or(0)),
-            max_restarts,
-        })
-    }
-}
-
-/// What one probe found.
-#[derive(Debug)]
-pub struct Outcome {
-    pub ok: bool,
-    pub detail: String,
-    pub latency: Duration,
-    pub server: Option<McpServer>,
-}
-
-/// The probes speak plain HTTP, but when this crate is built beside others that give
-/// reqwest rustls without choosing a crypto provider (Cargo unifies features across a
-/// workspace), building any client needs a process-wide provider. Ours is ring, as for
-/// the session's own TLS; one already installed is kept.
-fn ensure_crypto_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
-
-/// Speaks MCP to `url`: `initialize`, then `tools/list`. Healthy only if both answer.
-pub async fn probe_mcp(url: &str, timeout: Duration) -> Result<McpServer, String> {
-    ensure_crypto_provider();
-    let work = async {
-        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
-        let client = ClientInfo::default().serve(transport).await.map_err(|e| format!("initialize failed: {e}"))?;
-        let (name, version) = client
-            .peer_info()
-            .map(|info| (info.server_info.name.clone(), info.server_info.version.clone()))
-            .unwrap_or_default();
-        let tools = client.list_all_tools().await.map_err(|e| format!("tools/list failed: {e}"));
-        let _ = client.cancel().await;
-        let tools = tools?
-            .into_iter()
-            .map(|tool| McpTool {
-                name: tool.name.to_string(),
-                description: tool.description.map(|d| d.to_string()).unwrap_or_default(),
-                input_schema_json: serde_json::to_string(tool.input_schema.as_ref()).unwrap_or_default(),
-            })
-            .collect();
-        Ok(McpServer { name, version, tools })
-    };
-    tokio::time::timeout(timeout, work).await.map_err(|_| format!("no answer within {timeout:?}"))?
-}
-
-async fn probe_http(url: &str, min: u16, max: u16, timeout: Duration) -> Result<String, String> {
-    ensure_crypto_provider();
-    let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
-    let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
-    let status = response.status().as_u16();
-    if (min..=max).contains(&status) {
-        Ok(format!("GET {url} answered {status}"))
-    } else {
-        Err(format!("GET {url} answered {status}, expected {min}-{max}"))
-    }
-}
-
-pub async fn probe(spec: &ProbeSpec, address: Option<&str>, docker_health: Option<Health>) -> Outcome {
-    let started = Instant::now();
-    let result: Result<(String, Option<McpServer>), String> = match (&spec.kind, address) {
-        (Kind::Docker, _) => match docker_health {
-            Some(Health::Healthy) => Ok(("the image's HEALTHCHECK passes".into(), None)),
-            Some(Health::Starting) => Err("the image's HEALTHCHECK is starting".into()),
-            Some(_) => Err("the image's HEALTHCHECK fails".into()),
-            None => Err("the image has no HEALTHCHECK".into()),
-        },
-        (_, None) => Err("the container has no address on the droplet network".into()),
-        (Kind::Http { port, path, min, max }, Some(ip)) => {
-            probe_http(&format!("http://{ip}:{port}{path}"), *min, *max, spec.timeout).await.map(|d| (d, None))
-        }
-        (Kind::Mcp { port, path }, Some(ip)) => {
-            probe_mcp(&format!("http://{ip}:{port}{path}"), spec.timeout).await.map(|server| {
-                let names: Vec<&str> = server.tools.iter().map(|t| t.name.as_str()).collect();
-                (
-                    format!(
-                        "MCP server {} {} answered tools/list with {} tools: {}",
-                        server.name,
-                        server.version,
-                        names.len(),
-                        names.join(", ")
-                    ),
-                    Some(server),
-                )
-            })
-        }
-    };
-    let latency = started.elapsed();
-    match result {
-        Ok((detail, server)) => Outcome { ok: true, detail, latency, server },
-        Err(detail) => Outcome { ok: false, detail, latency, server: None },
-    }
 }
 
 /// One container's probe state.
@@ -260,171 +66,188 @@ impl Drop for Monitor {
 
 impl Monitor {
     pub(crate) fn start(runtime: Runtime, wire: Wire) -> Self {
-        let task = tokio::spawn(async move {
-            let mut tracked: HashMap<String, Tracked> = HashMap::new();
-            let mut healing: HashMap<String, Healing> = HashMap::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let targets = match runtime.probe_targets().await {
-                    Ok(targets) => targets,
-                    Err(error) => {
-                        tracing::debug!("cannot list probe targets: {error}");
-                        continue;
-                    }
-                };
-                tracked.retain(|id, _| targets.iter().any(|t| &t.container_id == id));
-                healing.retain(|id, h| h.given_up || targets.iter().any(|t| &t.container_id == id));
-                for target in targets {
-                    let now = Instant::now();
-                    let fresh = Tracked {
-                        started_at: target.status.started_at,
-                        next_due: now,
-                        started: now,
-                        failures: 0,
-                        health: Health::Starting,
-                        server: None,
-                    };
-                    let known = tracked.contains_key(&target.container_id);
-                    let state = tracked.entry(target.container_id.clone()).or_insert_with(|| fresh.clone());
-                    if !known || state.started_at != target.status.started_at {
-                        *state = fresh;
-                        // A container this monitor gave up on was left stopped: whoever
-                        // started it again (a `Start` or `Restart` command) asked for a
-                        // fresh set of restarts.
-                        if healing.get(&target.container_id).is_some_and(|h| h.given_up) {
-                            healing.remove(&target.container_id);
-                        }
-                    }
-                    if now < state.next_due {
-                        continue;
-                    }
-                    let outcome = probe(&target.probe, target.address.as_deref(), target.docker_health).await;
-                    state.next_due = Instant::now() + target.probe.interval;
-                    let before = (state.health, state.server.clone());
-                    if outcome.ok {
-                        state.failures = 0;
-                        state.health = Health::Healthy;
-                        state.server = outcome.server;
-                    } else if state.started.elapsed() >= target.probe.start_period {
-                        state.failures += 1;
-                        if state.failures >= target.probe.threshold {
-                            state.health = Health::Unhealthy;
-                        }
-                    }
-                    let heal = healing.entry(target.container_id.clone()).or_default();
-                    if outcome.ok {
-                        let since = *heal.healthy_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= HEALTHY_RESETS_AFTER {
-                            heal.restarts = 0;
-                        }
-                    } else {
-                        heal.healthy_since = None;
-                    }
-                    if state.health == Health::Unhealthy && !heal.given_up {
-                        let deployment = target.status.deployment_id.parse::<uuid::Uuid>().ok();
-                        let why =
-                            format!("the health probe failed {} times in a row: {}", state.failures, outcome.detail);
-                        let (action, detail) = if heal.restarts >= target.probe.max_restarts {
-                            heal.given_up = true;
-                            (
-                                "crash_loop",
-                                format!("{why}; still unhealthy after {} restarts, left stopped", heal.restarts),
-                            )
-                        } else if heal.next_allowed.is_none_or(|at| Instant::now() >= at) {
-                            heal.restarts += 1;
-                            heal.next_allowed = Some(Instant::now() + heal_backoff(heal.restarts));
-                            if let Some(deployment) = deployment
-                                && let Err(error) = runtime.restart(deployment, Duration::from_secs(10)).await
-                            {
-                                tracing::warn!("could not restart an unhealthy container: {error}");
-                            }
-                            ("restart", format!("{why}; restart {} of {}", heal.restarts, target.probe.max_restarts))
-                        } else {
-                            ("", String::new())
-                        };
-                        if !action.is_empty() {
-                            tracing::warn!(deployment_id = %target.status.deployment_id, "{detail}");
-                            let mut container = match deployment {
-                                Some(d) => runtime.status(d).await.unwrap_or_else(|_| target.status.clone()),
-                                None => target.status.clone(),
-                            };
-                            if action == "crash_loop" {
-                                container.state = flotilla::proto::ContainerState::CrashLooping as i32;
-                            }
-                            container.health = Some(HealthStatus {
-                                health: Health::Unhealthy as i32,
-                                detail: outcome.detail.clone(),
-                                latency: prost_types::Duration::try_from(outcome.latency).ok(),
-                                checked_at: Some(std::time::SystemTime::now().into()),
-                                consecutive_failures: state.failures,
-                            });
-                            let event = ContainerEvent {
-                                container: Some(container),
-                                action: action.into(),
-                                exit_code: None,
-                                at: Some(std::time::SystemTime::now().into()),
-                                detail,
-                            };
-                            if wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
-                                return;
-                            }
-                            // Stopped after the verdict went out: the control plane marks
-                            // the deployment failed before it sees the container stop, so
-                            // nothing starts it again.
-                            if action == "crash_loop"
-                                && let Some(deployment) = deployment
-                                && let Err(error) = runtime.stop(deployment, Duration::from_secs(10)).await
-                            {
-                                tracing::warn!("could not stop a container that keeps failing: {error}");
-                            }
-                            continue;
-                        }
-                    }
-                    if (state.health, state.server.clone()) == before {
-                        continue;
-                    }
-                    let mut container = target.status;
-                    container.health = Some(HealthStatus {
-                        health: state.health as i32,
-                        detail: outcome.detail,
-                        latency: prost_types::Duration::try_from(outcome.latency).ok(),
-                        checked_at: Some(std::time::SystemTime::now().into()),
-                        consecutive_failures: state.failures,
-                    });
-                    container.mcp_server = state.server.clone();
-                    tracing::info!(deployment_id = %container.deployment_id, health = ?state.health, "health changed");
-                    let event = ContainerEvent {
-                        container: Some(container),
-                        action: "health_status".into(),
-                        exit_code: None,
-                        at: Some(std::time::SystemTime::now().into()),
-                        detail: String::new(),
-                    };
-                    if wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
+        let mut watch = Watch { runtime, wire, tracked: HashMap::new(), healing: HashMap::new() };
+        let task = tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if watch.round().await.is_err() {
                         return;
                     }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Self { task }
     }
 }
 
-/// A running container to probe.
-pub struct Target {
-    pub container_id: String,
-    pub probe: ProbeSpec,
-    pub address: Option<String>,
-    pub docker_health: Option<Health>,
-    pub status: ContainerStatus,
+/// The session closed: the monitor ends.
+struct Closed;
+
+/// The monitor's state across rounds.
+struct Watch {
+    runtime: Runtime,
+    wire: Wire,
+    tracked: HashMap<String, Tracked>,
+    healing: HashMap<String, Healing>,
+}
+
+impl Watch {
+    /// Probes each target that is due.
+    async fn round(&mut self) -> Result<(), Closed> {
+        let targets = match self.runtime.probe_targets().await {
+            Ok(targets) => targets,
+            Err(error) => {
+                tracing::debug!("cannot list probe targets: {error}");
+                return Ok(());
+            }
+        };
+        self.tracked.retain(|id, _| targets.iter().any(|t| &t.container_id == id));
+        self.healing.retain(|id, h| h.given_up || targets.iter().any(|t| &t.container_id == id));
+        for target in targets {
+            self.check(target).await?;
+        }
+        Ok(())
+    }
+
+    /// Probes one container if it is due; reports a change of health, restarts it or gives
+    /// up on it.
+    #[tracing::instrument(skip_all, fields(deployment_id = %target.status.deployment_id, container = %target.container_id))]
+    async fn check(&mut self, target: Target) -> Result<(), Closed> {
+        let now = Instant::now();
+        let fresh = Tracked {
+            started_at: target.status.started_at,
+            next_due: now,
+            started: now,
+            failures: 0,
+            health: Health::Starting,
+            server: None,
+        };
+        let known = self.tracked.contains_key(&target.container_id);
+        let state = self.tracked.entry(target.container_id.clone()).or_insert_with(|| fresh.clone());
+        if !known || state.started_at != target.status.started_at {
+            *state = fresh;
+            // A container this monitor gave up on was left stopped: whoever
+            // started it again (a `Start` or `Restart` command) asked for a
+            // fresh set of restarts.
+            if self.healing.get(&target.container_id).is_some_and(|h| h.given_up) {
+                self.healing.remove(&target.container_id);
+            }
+        }
+        if now < state.next_due {
+            return Ok(());
+        }
+        let outcome = probe(&target).await;
+        state.next_due = Instant::now() + target.probe.interval;
+        let before = (state.health, state.server.clone());
+        if outcome.ok {
+            state.failures = 0;
+            state.health = Health::Healthy;
+            state.server = outcome.server;
+        } else if state.started.elapsed() >= target.probe.start_period {
+            state.failures += 1;
+            if state.failures >= target.probe.threshold {
+                state.health = Health::Unhealthy;
+            }
+        }
+        let heal = self.healing.entry(target.container_id.clone()).or_default();
+        if outcome.ok {
+            let since = *heal.healthy_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= HEALTHY_RESETS_AFTER {
+                heal.restarts = 0;
+            }
+        } else {
+            heal.healthy_since = None;
+        }
+        if state.health == Health::Unhealthy && !heal.given_up {
+            let deployment = target.status.deployment_id.parse::<uuid::Uuid>().ok();
+            let why = format!("the health probe failed {} times in a row: {}", state.failures, outcome.detail);
+            let (action, detail) = if heal.restarts >= target.probe.max_restarts {
+                heal.given_up = true;
+                ("crash_loop", format!("{why}; still unhealthy after {} restarts, left stopped", heal.restarts))
+            } else if heal.next_allowed.is_none_or(|at| Instant::now() >= at) {
+                heal.restarts += 1;
+                heal.next_allowed = Some(Instant::now() + heal_backoff(heal.restarts));
+                if let Some(deployment) = deployment
+                    && let Err(error) = self.runtime.restart(deployment, Duration::from_secs(10)).await
+                {
+                    tracing::warn!("could not restart an unhealthy container: {error}");
+                }
+                ("restart", format!("{why}; restart {} of {}", heal.restarts, target.probe.max_restarts))
+            } else {
+                ("", String::new())
+            };
+            if !action.is_empty() {
+                tracing::warn!("{detail}");
+                let mut container = match deployment {
+                    Some(d) => self.runtime.status(d).await.unwrap_or_else(|_| target.status.clone()),
+                    None => target.status.clone(),
+                };
+                if action == "crash_loop" {
+                    container.state = flotilla::proto::ContainerState::CrashLooping as i32;
+                }
+                container.health = Some(HealthStatus {
+                    health: Health::Unhealthy as i32,
+                    detail: outcome.detail.clone(),
+                    latency: prost_types::Duration::try_from(outcome.latency).ok(),
+                    checked_at: Some(std::time::SystemTime::now().into()),
+                    consecutive_failures: state.failures,
+                });
+                let event = ContainerEvent {
+                    container: Some(container),
+                    action: action.into(),
+                    exit_code: None,
+                    at: Some(std::time::SystemTime::now().into()),
+                    detail,
+                };
+                if self.wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
+                    return Err(Closed);
+                }
+                // Stopped after the verdict went out: the control plane marks
+                // the deployment failed before it sees the container stop, so
+                // nothing starts it again.
+                if action == "crash_loop"
+                    && let Some(deployment) = deployment
+                    && let Err(error) = self.runtime.stop(deployment, Duration::from_secs(10)).await
+                {
+                    tracing::warn!("could not stop a container that keeps failing: {error}");
+                }
+                return Ok(());
+            }
+        }
+        if (state.health, state.server.clone()) == before {
+            return Ok(());
+        }
+        let mut container = target.status;
+        container.health = Some(HealthStatus {
+            health: state.health as i32,
+            detail: outcome.detail,
+            latency: prost_types::Duration::try_from(outcome.latency).ok(),
+            checked_at: Some(std::time::SystemTime::now().into()),
+            consecutive_failures: state.failures,
+        });
+        container.mcp_server = state.server.clone();
+        tracing::info!(health = ?state.health, "health changed");
+        let event = ContainerEvent {
+            container: Some(container),
+            action: "health_status".into(),
+            exit_code: None,
+            at: Some(std::time::SystemTime::now().into()),
+            detail: String::new(),
+        };
+        if self.wire.send(agent_message::Kind::ContainerEvent(event)).await.is_err() {
+            return Err(Closed);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla::proto;
 
     #[test]
     fn healing_waits_longer_after_each_restart_up_to_five_minutes() {
@@ -432,30 +255,5 @@ mod tests {
         assert_eq!(&waits[..5], &[2, 4, 8, 16, 32]);
         assert!(waits.iter().all(|w| *w <= 300));
         assert_eq!(heal_backoff(u32::MAX).as_secs(), 300);
-    }
-
-    #[test]
-    fn probe_settings_survive_the_trip_through_container_labels() -> Result<(), flotilla::spec::SpecError> {
-        let spec = DeploymentSpec::try_from(proto::DeploymentSpec {
-            image: "x".into(),
-            mcp: Some(proto::McpEndpoint { port: 9000, path: "/rpc".into() }),
-            restart_policy: Some(proto::RestartPolicy {
-                mode: proto::restart_policy::Mode::OnFailure as i32,
-                max_retries: 7,
-            }),
-            health_check: Some(proto::HealthCheck {
-                probe: Some(proto::health_check::Probe::Mcp(Default::default())),
-                failure_threshold: 4,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })?;
-        let labels: HashMap<String, String> = ProbeSpec::labels(&spec).into_iter().collect();
-        let probe = ProbeSpec::from_labels(&labels).expect("a probe");
-        assert_eq!(probe.kind, Kind::Mcp { port: 9000, path: "/rpc".into() });
-        assert_eq!((probe.threshold, probe.max_restarts), (4, 7));
-        assert_eq!(probe.interval, Duration::from_secs(10));
-        assert!(ProbeSpec::from_labels(&HashMap::new()).is_none(), "no labels, no probe");
-        Ok(())
     }
 }

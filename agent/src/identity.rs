@@ -1,4 +1,5 @@
-//! The droplet's credentials on disk, in the agent's state dir:
+//! The droplet's credentials ([`Credentials`], and [`Held`]: what they say about the
+//! droplet), and where they are kept in the agent's state dir:
 //!
 //! - `identity.pem`: the certificate (leaf first) followed by its private key, mode 0600,
 //!   replaced atomically (write, fsync, rename) so a crash leaves the old pair or the new
@@ -19,7 +20,19 @@ use std::{
 use anyhow::Context as _;
 use flotilla::{DropletId, identity};
 
-use crate::link::Credentials;
+/// The agent's credentials: its certificate and key, and the CA it trusts (PEM).
+#[derive(Clone)]
+pub struct Credentials {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
 
 /// Credentials with what the agent needs to know about them.
 #[derive(Clone, Debug)]
@@ -41,14 +54,6 @@ impl Held {
 
     pub fn expired(&self) -> bool {
         SystemTime::now() >= self.not_after
-    }
-
-    /// When to renew: a random point between 50% and 80% of the validity period, so a
-    /// fleet enrolled together does not renew together.
-    pub fn renew_at(&self) -> SystemTime {
-        let period = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        let fraction = rand::random_range(0.5..0.8);
-        self.not_before + period.mul_f64(fraction)
     }
 }
 
@@ -156,24 +161,6 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renewal_falls_between_half_and_four_fifths_of_the_validity() {
-        let not_before = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let held = Held {
-            credentials: Credentials { cert_pem: String::new(), key_pem: String::new(), ca_pem: String::new() },
-            droplet: DropletId::new(),
-            not_before,
-            not_after: not_before + Duration::from_secs(1000),
-        };
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..500 {
-            let at = held.renew_at().duration_since(not_before).expect("after notBefore");
-            assert!(at >= Duration::from_secs(500) && at < Duration::from_secs(800), "{at:?}");
-            seen.insert(at.as_secs());
-        }
-        assert!(seen.len() > 100, "renewal times are spread");
-    }
 
     #[test]
     fn identity_files_are_private_and_replaced_whole() -> anyhow::Result<()> {

@@ -1,5 +1,9 @@
-//! The agent's link to the control plane: dial out, hold one session, heartbeat at the
-//! pace the control plane sets, and reconnect forever with capped, jittered back-off.
+//! The agent's link to the control plane: get credentials (stored, or enrolled with a
+//! token), dial out, hold one session, heartbeat at the pace the control plane sets, renew
+//! the certificate over it (`renewal`), and reconnect forever as [`crate::backoff`] says.
+//!
+//! The agent's wiring: the only module that starts the executor, the health monitor and the
+//! event follower, each session handing them its [`Wire`].
 
 use std::time::Duration;
 
@@ -7,132 +11,38 @@ use anyhow::Context as _;
 use flotilla::{
     DropletId,
     proto::{
-        AgentMessage, ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate,
-        agent_gateway_client::AgentGatewayClient, agent_message, control_message, goodbye::Reason,
+        ControlMessage, Goodbye, Heartbeat, Hello, RenewCertificate, agent_gateway_client::AgentGatewayClient,
+        agent_message, control_message, goodbye::Reason,
     },
     protocol,
     telemetry::error_chain,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{
-    backoff::{Backoff, worth_logging},
+    backoff::{Reconnect, SessionEnd, worth_logging},
+    config::{AgentConfig, IdentitySource},
     docker::Engine,
-    enroll::{self, Trust},
+    enroll,
     executor::{Executor, Runner},
     host::HostProbe,
-    identity::{Held, Store},
+    identity::{Credentials, Held, Store},
     ledger::Ledger,
     runtime::Runtime,
+    wire::Wire,
 };
 
-/// When to renew the certificate, and the key waiting for its certificate.
-struct Renewal {
-    at: Option<tokio::time::Instant>,
-    pending: Option<rcgen::KeyPair>,
-}
+mod renewal;
 
-impl Renewal {
-    fn new(enabled: bool, held: Option<&Held>) -> Self {
-        let at = held.filter(|_| enabled).map(|h| instant_of(h.renew_at()));
-        Self { at, pending: None }
-    }
-
-    /// Resolves when a renewal is due; never if renewal is off.
-    async fn due(&self) {
-        match self.at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// A request went out: if no certificate comes back, ask again in a while.
-    fn sent(&mut self, key: rcgen::KeyPair) {
-        self.pending = Some(key);
-        self.sent_failed();
-    }
-
-    fn sent_failed(&mut self) {
-        self.at = Some(Instant::now() + Duration::from_secs(5));
-    }
-
-    fn take_key(&mut self) -> Option<rcgen::KeyPair> {
-        self.pending.take()
-    }
-
-    fn renewed(&mut self, held: &Held) {
-        self.at = Some(instant_of(held.renew_at()));
-    }
-}
-
-fn instant_of(at: std::time::SystemTime) -> tokio::time::Instant {
-    let from_now = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-    Instant::now() + from_now
-}
+use renewal::Renewal;
 
 /// The control plane must answer `Hello` within this.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
-/// A session that lasted this long resets the back-off.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Used until `Welcome` says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
-
-/// The agent's credentials: its certificate and key, and the CA it trusts (PEM).
-#[derive(Clone)]
-pub struct Credentials {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").finish_non_exhaustive()
-    }
-}
-
-/// Where the agent's credentials come from.
-#[derive(Clone, Debug)]
-pub enum IdentitySource {
-    /// Fixed credentials (`--cert`/`--key`, tests): used as they are, never renewed.
-    Fixed(Credentials),
-    /// The state dir: enroll with a token when it holds no valid certificate, renew over
-    /// the session, persist every change.
-    StateDir { store: Store, enrollment: Option<Enrollment> },
-}
-
-/// How to enroll when the state dir has no valid certificate.
-#[derive(Clone)]
-pub struct Enrollment {
-    pub token: String,
-    pub url: String,
-    pub trust: Trust,
-}
-
-impl std::fmt::Debug for Enrollment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the token.
-        f.debug_struct("Enrollment").field("url", &self.url).field("trust", &self.trust).finish_non_exhaustive()
-    }
-}
-
-/// Everything a running agent needs.
-#[derive(Clone)]
-pub struct AgentConfig {
-    pub control_plane: String,
-    pub server_name: Option<String>,
-    pub identity: IdentitySource,
-    pub docker_socket: String,
-    pub disk_path: std::path::PathBuf,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    /// Where the record of applied commands is kept (`commands.log`); `None` keeps it in
-    /// memory only, which loses it when the agent restarts.
-    pub state_dir: Option<std::path::PathBuf>,
-}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -147,6 +57,7 @@ enum Ended {
 
 /// Runs the agent until `shutdown` is cancelled. Returns an error only for what needs an
 /// operator: no usable credentials, a refused enrollment, a bad configuration.
+#[tracing::instrument(name = "agent", skip_all, fields(droplet_id = tracing::field::Empty))]
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ledger = match &config.state_dir {
         Some(dir) => Ledger::open(dir).with_context(|| format!("opening the command record in {}", dir.display()))?,
@@ -164,12 +75,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         },
         held: None,
     };
-    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(config.initial_backoff, config.max_backoff);
     loop {
         let started = Instant::now();
         let (ended, welcomed) = match agent.credentials(&config).await {
             Ok(held) => {
+                tracing::Span::current().record("droplet_id", tracing::field::display(held.droplet));
                 let endpoint = endpoint(&config, &held.credentials)?;
                 agent.held = Some(held);
                 agent.session(&endpoint, &shutdown).await
@@ -177,10 +88,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             Err(CredentialsError::Fatal(error)) => return Err(error),
             Err(CredentialsError::Retry(error)) => (Ended::Failed(error), false),
         };
-        if welcomed && started.elapsed() >= HEALTHY_SESSION {
-            backoff.reset();
-            failures = 0;
-        }
         let delay = match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Goodbye(goodbye) => {
@@ -193,17 +100,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     Reason::Revoked => tracing::error!("the control plane revoked this droplet: {}", goodbye.message),
                     reason => tracing::info!(?reason, ?hint, "the control plane said goodbye: {}", goodbye.message),
                 }
-                if !welcomed {
-                    failures += 1;
-                }
-                // The hint is a floor: honour it, but never dial sooner than back-off says
-                // after repeated failures.
-                let backoff_delay = if welcomed { Duration::ZERO } else { backoff.next_delay() };
-                hint.unwrap_or(Duration::ZERO).max(backoff_delay).max(Duration::from_millis(1))
+                reconnect.after(started, welcomed, SessionEnd::Goodbye { reconnect_after: hint })
             }
             Ended::Failed(error) => {
-                failures += 1;
-                let delay = backoff.next_delay();
+                let delay = reconnect.after(started, welcomed, SessionEnd::Failed);
+                let failures = reconnect.failures();
                 if worth_logging(failures) {
                     tracing::warn!(failures, retry_in = ?delay, "no session with the control plane: {error:#}");
                 } else {
@@ -262,31 +163,6 @@ struct Agent {
     held: Option<Held>,
 }
 
-/// The session's outbound half, shared by the session loop and the executor.
-#[derive(Clone)]
-pub(crate) struct Wire {
-    tx: mpsc::Sender<AgentMessage>,
-    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Wire {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Sends if the session's queue has room; what does not fit is dropped (for reports
-    /// that are nice to have, like pull progress).
-    pub(crate) fn try_send(&self, kind: agent_message::Kind) -> bool {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.tx.try_send(AgentMessage { seq, kind: Some(kind) }).is_ok()
-    }
-
-    pub(crate) async fn send(&self, kind: agent_message::Kind) -> anyhow::Result<()> {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        self.tx.send(AgentMessage { seq, kind: Some(kind) }).await.context("the session's outbound stream closed")
-    }
-}
-
 impl Agent {
     /// The credentials for the next connection: stored ones while valid (never
     /// re-enrolling then), otherwise a fresh enrollment with the token.
@@ -334,6 +210,7 @@ impl Agent {
     }
 
     /// One session, from dial to end. Returns how it ended and whether `Welcome` came.
+    #[tracing::instrument(skip_all, fields(control_plane = %endpoint.uri(), session_id = tracing::field::Empty))]
     async fn session(&mut self, endpoint: &Endpoint, shutdown: &CancellationToken) -> (Ended, bool) {
         let mut welcomed = false;
         let ended = tokio::select! {
@@ -350,8 +227,7 @@ impl Agent {
                 return Ended::Failed(anyhow::anyhow!("dialling {}: {}", endpoint.uri(), error_chain(&error)));
             }
         };
-        let (tx, rx) = mpsc::channel(64);
-        let wire = Wire { tx, seq: Default::default() };
+        let (wire, rx) = Wire::channel();
         if let Err(error) = wire.send(agent_message::Kind::Hello(self.hello().await)).await {
             return Ended::Failed(error);
         }
@@ -383,13 +259,14 @@ impl Agent {
             }
         };
         *welcomed = true;
+        tracing::Span::current().record("session_id", welcome.session_id.as_str());
         self.droplet = welcome.droplet_id.parse().ok();
         let interval = welcome
             .heartbeat_interval
             .and_then(|d| Duration::try_from(d).ok())
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_HEARTBEAT);
-        tracing::info!(droplet_id = %welcome.droplet_id, session_id = %welcome.session_id, heartbeat = ?interval, "session open");
+        tracing::info!(droplet_id = %welcome.droplet_id, heartbeat = ?interval, "session open");
 
         if let (Some(store), Some(bundle)) = (&self.store, &welcome.trust_bundle)
             && let Err(error) = store.save_bundle(&bundle.ca_certificates_pem)

@@ -18,9 +18,10 @@ use flotilla::proto::{FetchLogs, LogChunk, RequestReply, agent_message, log_chun
 use futures::StreamExt as _;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::{link::Wire, runtime::Runtime};
+use crate::{runtime::Runtime, wire::Wire};
 
 /// Output buffered per stream while the session is busy; beyond it, output is dropped.
 pub const BUFFER_BYTES: usize = 1 << 20;
@@ -68,13 +69,16 @@ impl LogStreams {
             return;
         }
         let open = self.open.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = stream(&runtime, &wire, &request_id, &fetch) => {}
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = stream(&runtime, &wire, &request_id, &fetch) => {}
+                }
+                open.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&request_id);
             }
-            open.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&request_id);
-        });
+            .in_current_span(),
+        );
     }
 
     /// Stops a stream and sends its last chunk. Cancelling an unknown (or finished) stream

@@ -1,3 +1,6 @@
+//! The `flotilla-agent` binary: parses the flags into an [`AgentConfig`], sets up tracing,
+//! and runs the agent until SIGTERM or Ctrl-C.
+
 use std::process::ExitCode;
 
 use anyhow::Context as _;

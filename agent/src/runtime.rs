@@ -1,9 +1,11 @@
 //! The agent's hands on the local Docker engine: deploy, start, stop, restart and remove
-//! the containers of deployments, and report what is really there.
+//! the containers of deployments, and report what is really there ([`status`]), with the
+//! health checks they carry ([`probe`]) and the progress of image pulls (`pull`).
 //!
 //! Scoping: every container the agent makes carries `dev.flotilla.managed=true`,
 //! `dev.flotilla.droplet=<this droplet>`, `dev.flotilla.deployment=<id>` and
-//! `dev.flotilla.generation=<n>`, and is named `flotilla-<deployment>-g<generation>`. The
+//! `dev.flotilla.generation=<n>` (the keys are in [`crate::labels`]), and is named
+//! `flotilla-<deployment>-g<generation>`. The
 //! agent lists only containers carrying its own droplet label and refuses to touch a
 //! container of a matching name that lacks them: anything else on the host, including
 //! another agent's containers on a shared engine, is invisible to it.
@@ -15,9 +17,9 @@ use bollard::{
     auth::DockerCredentials,
     errors::Error as DockerError,
     models::{
-        ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum,
-        HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, NetworkCreateRequest, NetworkingConfig, PortBinding,
-        RestartPolicy, RestartPolicyNameEnum, VolumeCreateOptions,
+        ContainerCreateBody, ContainerInspectResponse, EndpointSettings, HostConfig, HostConfigLogConfig, Mount,
+        MountTypeEnum, NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+        VolumeCreateOptions,
     },
     query_parameters::{
         CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
@@ -27,16 +29,21 @@ use bollard::{
 };
 use flotilla::{
     DropletId,
-    proto::{self, ContainerState, ContainerStatus, Health, HealthStatus, PublishedPort},
+    proto::{self, ContainerStatus},
     spec::{DeploymentSpec, PullPolicy, RestartMode},
 };
 use futures::StreamExt as _;
 use uuid::Uuid;
 
-use crate::docker::{LABEL_DROPLET, LABEL_MANAGED};
+use crate::labels;
 
-pub const LABEL_DEPLOYMENT: &str = "dev.flotilla.deployment";
-pub const LABEL_GENERATION: &str = "dev.flotilla.generation";
+pub mod probe;
+mod pull;
+pub mod status;
+
+use probe::{ProbeSpec, Target};
+use pull::PullReport;
+use status::status_of;
 
 /// What went wrong, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -87,21 +94,21 @@ impl Runtime {
 
     fn labels(&self, deployment: Uuid, generation: u64) -> HashMap<String, String> {
         HashMap::from([
-            (LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
-            (LABEL_DEPLOYMENT.to_owned(), deployment.to_string()),
-            (LABEL_GENERATION.to_owned(), generation.to_string()),
+            (labels::MANAGED.to_owned(), "true".to_owned()),
+            (labels::DROPLET.to_owned(), self.droplet.to_string()),
+            (labels::DEPLOYMENT.to_owned(), deployment.to_string()),
+            (labels::GENERATION.to_owned(), generation.to_string()),
         ])
     }
 
     /// Managed containers of this droplet (optionally of one deployment), with their
     /// generation, oldest generation first.
     async fn managed(&self, deployment: Option<Uuid>) -> Result<Vec<(String, Uuid, u64)>, DockerError> {
-        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_DROPLET}={}", self.droplet)];
+        let mut filter = labels::managed_by(self.droplet);
         if let Some(deployment) = deployment {
-            labels.push(format!("{LABEL_DEPLOYMENT}={deployment}"));
+            filter.push(format!("{}={deployment}", labels::DEPLOYMENT));
         }
-        let filters = HashMap::from([("label", labels)]);
+        let filters = HashMap::from([("label", filter)]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
         let mut found: Vec<(String, Uuid, u64)> = self
             .docker
@@ -111,11 +118,11 @@ impl Runtime {
             .filter_map(|c| {
                 let labels = c.labels.unwrap_or_default();
                 // The engine filtered on these; check again rather than trust a filter.
-                if labels.get(LABEL_DROPLET) != Some(&self.droplet.to_string()) {
+                if labels.get(labels::DROPLET) != Some(&self.droplet.to_string()) {
                     return None;
                 }
-                let deployment = labels.get(LABEL_DEPLOYMENT)?.parse().ok()?;
-                let generation = labels.get(LABEL_GENERATION)?.parse().ok()?;
+                let deployment = labels.get(labels::DEPLOYMENT)?.parse().ok()?;
+                let generation = labels.get(labels::GENERATION)?.parse().ok()?;
                 Some((c.id?, deployment, generation))
             })
             .collect();
@@ -128,7 +135,7 @@ impl Runtime {
         match self.docker.inspect_container(id_or_name, None::<InspectContainerOptions>).await {
             Ok(found) => {
                 let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-                if labels.get(LABEL_DROPLET) == Some(&self.droplet.to_string()) {
+                if labels.get(labels::DROPLET) == Some(&self.droplet.to_string()) {
                     Ok(Some(found))
                 } else {
                     Err(RuntimeError::Foreign(id_or_name.to_owned()))
@@ -152,7 +159,7 @@ impl Runtime {
 
     /// Running managed containers that carry a health check, with their address on the
     /// droplet network.
-    pub async fn probe_targets(&self) -> Result<Vec<crate::health::Target>, RuntimeError> {
+    pub async fn probe_targets(&self) -> Result<Vec<Target>, RuntimeError> {
         let network = network_name(self.droplet);
         let mut targets = Vec::new();
         for (id, _, _) in self.managed(None).await? {
@@ -161,7 +168,7 @@ impl Runtime {
                 continue;
             }
             let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-            let Some(probe) = crate::health::ProbeSpec::from_labels(&labels) else { continue };
+            let Some(probe) = ProbeSpec::from_labels(&labels) else { continue };
             let address = found
                 .network_settings
                 .as_ref()
@@ -171,13 +178,13 @@ impl Runtime {
                 .filter(|ip| !ip.is_empty());
             let status = status_of(&found);
             let docker_health = status.health.as_ref().map(|h| h.health());
-            targets.push(crate::health::Target { container_id: id, probe, address, docker_health, status });
+            targets.push(Target { container_id: id, probe, address, docker_health, status });
         }
         Ok(targets)
     }
 
     /// The probe target of a deployment's running container, if it has a health check.
-    pub async fn probe_target(&self, deployment: Uuid) -> Result<Option<crate::health::Target>, RuntimeError> {
+    pub async fn probe_target(&self, deployment: Uuid) -> Result<Option<Target>, RuntimeError> {
         let wanted = deployment.to_string();
         Ok(self.probe_targets().await?.into_iter().find(|t| t.status.deployment_id == wanted))
     }
@@ -233,8 +240,8 @@ impl Runtime {
             name: name.clone(),
             driver: Some("bridge".into()),
             labels: Some(HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_DROPLET.to_owned(), self.droplet.to_string()),
+                (labels::MANAGED.to_owned(), "true".to_owned()),
+                (labels::DROPLET.to_owned(), self.droplet.to_string()),
             ])),
             ..Default::default()
         };
@@ -295,7 +302,7 @@ impl Runtime {
     ) -> ContainerCreateBody {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         labels.extend(self.labels(deployment, generation));
-        labels.extend(crate::health::ProbeSpec::labels(spec));
+        labels.extend(ProbeSpec::labels(spec));
         let mut exposed = HashMap::new();
         let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
         for port in &spec.ports {
@@ -365,7 +372,7 @@ impl Runtime {
     async fn ensure_volumes(&self, deployment: Uuid, spec: &DeploymentSpec) -> Result<(), RuntimeError> {
         for volume in &spec.volumes {
             let mut labels = self.labels(deployment, 0);
-            labels.remove(LABEL_GENERATION);
+            labels.remove(labels::GENERATION);
             let options = VolumeCreateOptions {
                 name: Some(volume_name(deployment, &volume.name)),
                 labels: Some(labels),
@@ -493,7 +500,7 @@ impl Runtime {
         if remove_volumes {
             let filters = HashMap::from([(
                 "label",
-                vec![format!("{LABEL_DROPLET}={}", self.droplet), format!("{LABEL_DEPLOYMENT}={deployment}")],
+                vec![format!("{}={}", labels::DROPLET, self.droplet), format!("{}={deployment}", labels::DEPLOYMENT)],
             )]);
             let options = bollard::query_parameters::ListVolumesOptionsBuilder::default().filters(&filters).build();
             let volumes = self.docker.list_volumes(Some(options)).await?.volumes.unwrap_or_default();
@@ -505,123 +512,8 @@ impl Runtime {
     }
 }
 
-/// Turns Docker's pull stream into a few lines worth an event: each layer once when it is
-/// done, byte counts at most every [`PullReport::EVERY`], and the outcome.
-#[derive(Default)]
-struct PullReport {
-    layers: std::collections::BTreeMap<String, (u64, u64)>,
-    done: usize,
-    last: Option<std::time::Instant>,
-    outcome: Option<String>,
-}
-
-impl PullReport {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-    fn step(
-        &mut self,
-        layer: Option<&str>,
-        status: Option<&str>,
-        detail: Option<bollard::models::ProgressDetail>,
-    ) -> Option<String> {
-        let status = status?;
-        let Some(layer) = layer.filter(|l| l.len() == 12) else {
-            // "Status: Downloaded newer image for …", "Digest: sha256:…".
-            if status.starts_with("Status:") || status.starts_with("Digest:") {
-                let outcome = self.outcome.get_or_insert_with(String::new);
-                if !outcome.is_empty() {
-                    outcome.push_str("; ");
-                }
-                outcome.push_str(status);
-            }
-            return None;
-        };
-        if status == "Pull complete" || status == "Already exists" {
-            self.done += 1;
-            return Some(format!("layer {layer}: {}", status.to_lowercase()));
-        }
-        if let Some(detail) = detail {
-            let current = detail.current.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
-            let total = detail.total.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
-            self.layers.insert(layer.to_owned(), (current, total));
-        }
-        if status == "Downloading" && self.last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
-            self.last = Some(std::time::Instant::now());
-            let (current, total) = self.layers.values().fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
-            return Some(format!("downloading: {} of {} bytes", current, total));
-        }
-        None
-    }
-
-    fn finished(&self, image: &str) -> String {
-        let outcome = self.outcome.as_deref().unwrap_or("done");
-        format!("pulled {image}: {outcome} ({} layers)", self.done)
-    }
-}
-
 fn volume_name(deployment: Uuid, name: &str) -> String {
     format!("flotilla-{deployment}-{name}")
-}
-
-/// What Docker says about a container, in the protocol's terms.
-pub fn status_of(found: &ContainerInspectResponse) -> ContainerStatus {
-    let labels = found.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
-    let state = found.state.as_ref();
-    let container_state = match state.and_then(|s| s.status) {
-        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
-        Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
-        Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
-        Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
-        Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
-        Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
-        _ => ContainerState::Unspecified,
-    };
-    let health = state.and_then(|s| s.health.as_ref()).and_then(|h| h.status).map(|status| HealthStatus {
-        health: match status {
-            HealthStatusEnum::STARTING => Health::Starting,
-            HealthStatusEnum::HEALTHY => Health::Healthy,
-            HealthStatusEnum::UNHEALTHY => Health::Unhealthy,
-            _ => Health::Unspecified,
-        } as i32,
-        detail: "the image's HEALTHCHECK".into(),
-        ..Default::default()
-    });
-    let ports = found
-        .network_settings
-        .as_ref()
-        .and_then(|n| n.ports.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|(key, bindings)| {
-            let (port, protocol) = key.split_once('/').map_or((key.as_str(), "tcp"), |(p, proto)| (p, proto));
-            let container_port: u32 = port.parse().unwrap_or(0);
-            let protocol = protocol.to_owned();
-            bindings.unwrap_or_default().into_iter().map(move |b| PublishedPort {
-                container_port,
-                host_port: b.host_port.and_then(|p| p.parse().ok()).unwrap_or(0),
-                protocol: protocol.clone(),
-                host_ip: b.host_ip.unwrap_or_default(),
-            })
-        })
-        .collect();
-    ContainerStatus {
-        deployment_id: labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
-        generation: labels.get(LABEL_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
-        container_id: found.id.clone().unwrap_or_default(),
-        name: found.name.clone().unwrap_or_default().trim_start_matches('/').to_owned(),
-        image: found.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
-        state: container_state as i32,
-        health,
-        restart_count: found.restart_count.and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
-        ports,
-        started_at: state
-            .and_then(|s| s.started_at.as_deref())
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .filter(|t| t.timestamp() > 0)
-            .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }),
-        exit_code: state.and_then(|s| s.exit_code).filter(|_| container_state == ContainerState::Exited),
-        mcp_server: None,
-    }
 }
 
 /// The spec of a `Deploy` command, validated again here before Docker is touched.
