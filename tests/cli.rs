@@ -4,18 +4,13 @@
 
 mod helpers;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
 
 use helpers::{TestControlPlane, TestDb, deploy::Online, fast_timing};
-
-/// The `flotilla` binary, which cargo builds for this test.
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flotilla"))
-}
 
 /// The CLI configured for one control plane, as an operator's environment would be.
 struct Cli {
@@ -63,16 +58,17 @@ impl Cli {
         }
     }
 
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(binary());
+    /// `flotilla args`, the binary of the `flotilla-cli` package beside the test binary.
+    fn command(&self, args: &[&str]) -> anyhow::Result<tokio::process::Command> {
+        let mut command = tokio::process::Command::new(helpers::process::binary("flotilla")?);
         command.args(args).env_remove("FLOTILLA_URL").env_remove("FLOTILLA_API_KEY").env_remove("FLOTILLA_CA_CERT");
         command.envs(self.env.iter().map(|(k, v)| (k, v.as_str())));
         command.stdin(Stdio::null()).kill_on_drop(true);
-        command
+        Ok(command)
     }
 
     async fn run(&self, args: &[&str]) -> anyhow::Result<Run> {
-        let output = tokio::time::timeout(Duration::from_secs(180), self.command(args).output())
+        let output = tokio::time::timeout(Duration::from_secs(180), self.command(args)?.output())
             .await
             .with_context(|| format!("flotilla {args:?} did not finish"))??;
         Ok(Run {
@@ -318,7 +314,7 @@ async fn a_server_is_deployed_operated_and_removed() -> anyhow::Result<()> {
 
 /// `logs -f` prints the output so far and keeps the stream open.
 async fn follow_logs(cli: &Cli, id: &str) -> anyhow::Result<()> {
-    let mut child = cli.command(&["logs", id, "-f"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cli.command(&["logs", id, "-f"])?.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let mut stderr = child.stderr.take().context("stderr")?;
     let mut seen = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(30), async {

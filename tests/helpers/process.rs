@@ -28,9 +28,10 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The binary `name` beside the test binary: `cargo build --bins` builds it
-/// (scripts/test.sh does, before the tests).
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
+/// The binary `name` beside the test binary (target/debug/): `cargo build --workspace --bins`
+/// builds it (scripts/test.sh does, before the tests). Cargo's `CARGO_BIN_EXE_<name>` only
+/// names binaries of the test's own package, and these belong to other packages.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(|deps| deps.parent()).context("the test binary's directory")?;
     let binary = dir.join(name);
