@@ -6,19 +6,24 @@
 //!
 //!     scripts/bench.sh commands          # starts a throwaway PostgreSQL, then runs this
 
-#[path = "../tests/helpers/mod.rs"]
-mod helpers;
+/// The end-to-end tests' helpers (tests/e2e/helpers.rs and tests/e2e/helpers/), of which a
+/// benchmark uses a part.
+#[path = "../tests/e2e"]
+#[allow(dead_code)]
+mod e2e {
+    pub mod helpers;
+}
 
 use std::time::{Duration, Instant};
 
-use flotilla::{
-    DropletId,
-    proto::{ContainerState, StartDeploymentRequest, WaitCommandRequest, command_record::State},
-};
-use helpers::{
+use e2e::helpers::{
     TestControlPlane, TestDb,
     deploy::{Cleanup, create, test_server_spec, wait_state},
     fast_timing, percentile,
+};
+use flotilla::{
+    DropletId,
+    proto::{ContainerState, StartDeploymentRequest, WaitCommandRequest, command_record::State},
 };
 
 /// Droplets the commands are spread over (`FLOTILLA_BENCH_DROPLETS` to change it).

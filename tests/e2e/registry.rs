@@ -1,12 +1,12 @@
 //! Pulls for real: a registry on loopback, pull policies, pull progress as events, and
 //! registry credentials that reach the engine and nowhere else.
 
-mod helpers;
-
 use flotilla::proto::{
     ContainerState, DeploymentSpec, RegistryAuth, deployment::DesiredState, deployment_spec::PullPolicy,
 };
-use helpers::{
+
+use crate::helpers::{
+    self,
     deploy::{IMAGE, Online, WITHIN, create, deployment, test_server_spec, wait_state},
     registry::{Registry, unique_image},
     wait_for,

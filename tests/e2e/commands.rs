@@ -1,8 +1,6 @@
 //! The command ledger: commands are rows before they are messages, delivered when the
 //! droplet is there, applied once, and never run after their deadline.
 
-mod helpers;
-
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,13 +12,14 @@ use flotilla::{
         command_record::State,
     },
 };
-use helpers::{
-    TestControlPlane, TestDb,
+use tonic::Code;
+
+use crate::helpers::{
+    self, TestControlPlane, TestDb,
     deploy::{Cleanup, WITHIN, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec},
     fast_timing,
     process::{AgentProcess, Gate},
 };
-use tonic::Code;
 
 async fn wait(cp: &TestControlPlane, id: &str) -> anyhow::Result<CommandRecord> {
     let request = WaitCommandRequest { id: id.into(), timeout: seconds(60) };

@@ -2,15 +2,13 @@
 //! against a real control plane (and, for deployments, a real droplet on this machine's
 //! Docker engine), its `--json` output parsed and its exit codes checked.
 
-mod helpers;
-
 use std::{process::Stdio, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
 
-use helpers::{TestControlPlane, TestDb, deploy::Online, fast_timing};
+use crate::helpers::{self, TestControlPlane, TestDb, deploy::Online, fast_timing};
 
 /// The CLI configured for one control plane, as an operator's environment would be.
 struct Cli {

@@ -1,12 +1,11 @@
 //! The API as an operator meets it: the real `grpcurl` (1.8, which speaks reflection
 //! v1alpha) lists the services and calls `Fleet` without any proto file.
 
-mod helpers;
-
 use std::{process::Command, time::Duration};
 
 use flotilla::{DropletId, proto::DropletStatus};
-use helpers::{TestControlPlane, TestDb, fast_timing};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing};
 
 fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("grpcurl").args(args).output().map_err(|e| {

@@ -3,20 +3,19 @@
 //! older; starting a replica leaves the others' sessions alone; flapping sessions are
 //! rate-limited.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{
     DropletId,
     proto::{ContainerState, WaitCommandRequest, command_record::State, control_message, goodbye::Reason},
 };
-use helpers::{
-    TestControlPlane, TestDb,
+use uuid::Uuid;
+
+use crate::helpers::{
+    self, TestControlPlane, TestDb,
     deploy::{Cleanup, create, test_server_spec, wait_state},
     fast_timing, hello, new_master_key,
 };
-use uuid::Uuid;
 
 const WITHIN: Duration = Duration::from_secs(60);
 

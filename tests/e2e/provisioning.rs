@@ -2,8 +2,6 @@
 //! on this machine's Docker engine enrolls with its one-time token, connects over mTLS,
 //! runs an MCP server, and is destroyed with everything it ran when the droplet is deleted.
 
-mod helpers;
-
 use std::{sync::Arc, time::Duration};
 
 use flotilla::{
@@ -17,7 +15,8 @@ use flotilla_control_plane::{
     provider::local::{Local, LocalConfig},
     provisioning::Providers,
 };
-use helpers::{ApiOptions, TestControlPlane, TestDb, deploy, fast_timing, wait_for};
+
+use crate::helpers::{ApiOptions, TestControlPlane, TestDb, deploy, fast_timing, wait_for};
 
 /// The agent image `scripts/images.sh` builds.
 const AGENT_IMAGE: &str = "flotilla-agent:latest";

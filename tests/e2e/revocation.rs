@@ -1,17 +1,16 @@
 //! Revocation takes effect at once and everywhere: the live session closes, and every
 //! later handshake with that certificate is refused, on every control plane.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{
     DropletId,
     proto::{DeleteDropletRequest, control_message, goodbye::Reason},
 };
-use helpers::{RawSession, TestControlPlane, TestDb, fast_timing, hello, new_master_key};
 use rustls::AlertDescription;
 use tonic::Code;
+
+use crate::helpers::{self, RawSession, TestControlPlane, TestDb, fast_timing, hello, new_master_key};
 
 async fn handshake(
     cp: &TestControlPlane,

@@ -2,13 +2,12 @@
 //! health checks and entrypoints as the Dockerfiles say, binaries that run, an agent image
 //! that stays small, and a control plane container that turns healthy. Nothing is pulled.
 
-mod helpers;
-
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
-use helpers::TestDb;
 use serde_json::Value;
+
+use crate::helpers::TestDb;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 

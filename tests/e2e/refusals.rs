@@ -2,8 +2,6 @@
 //! certificate from the fleet CA that names a droplet, and refuses incompatible agents
 //! with a `Goodbye` naming the version to run. None of them leaves a row.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{
@@ -11,9 +9,10 @@ use flotilla::{
     proto::{ProtocolVersion, control_message, goodbye::Reason},
 };
 use flotilla_control_plane::pki::Ca;
-use helpers::{TestControlPlane, TestDb, fast_timing, hello};
 use rustls::AlertDescription;
 use time::OffsetDateTime;
+
+use crate::helpers::{self, TestControlPlane, TestDb, fast_timing, hello};
 
 /// Dials the agent port with `client` (a certificate and key, or none), trusting the real
 /// CA, and returns how the server ended the connection.

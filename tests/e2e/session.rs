@@ -1,8 +1,6 @@
 //! An agent's session with the control plane, end to end: real TLS, real gRPC, real
 //! PostgreSQL, and the machine's real Docker engine.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{
@@ -12,7 +10,8 @@ use flotilla::{
         goodbye::Reason,
     },
 };
-use helpers::{TestControlPlane, TestDb, fast_timing, hello, wait_for};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing, hello, wait_for};
 
 const WITHIN: Duration = Duration::from_secs(20);
 

@@ -2,8 +2,6 @@
 //! key never appear in any log line (captured here at TRACE level, every crate), and the
 //! private key never reaches the control plane's database.
 
-mod helpers;
-
 use std::{
     io::Write,
     sync::{Arc, Mutex},
@@ -12,8 +10,9 @@ use std::{
 
 use flotilla::{DropletId, proto::DropletStatus};
 use flotilla_control_plane::crypto::MasterKey;
-use helpers::{TestControlPlane, TestDb, fast_timing, temp_dir, wait_for};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing, temp_dir, wait_for};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

@@ -1,8 +1,7 @@
 //! The DigitalOcean provider against a local stand-in of DigitalOcean's v2 droplet endpoints
 //! that checks every request the way DigitalOcean documents it.
 
-#[path = "helpers/digitalocean.rs"]
-mod digitalocean;
+mod stand_in;
 
 use std::{
     io::Write,
@@ -10,13 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use digitalocean::{Fault, Route, StandIn};
 use flotilla::DropletId;
 use flotilla_control_plane::provider::{
     Backoff, CloudId, CreateSpec, Provider, ProviderError,
     digitalocean::{ApiToken, DigitalOcean, DigitalOceanConfig},
 };
 use serde_json::Value;
+use stand_in::{Fault, Route, StandIn};
 
 const TOKEN: &str = "dop_v1_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const SSH_KEY: &str = "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45";

@@ -1,15 +1,14 @@
 //! Supabase user tokens as credentials: HS256 with the project's secret and ES256 from a
 //! JWKS served over HTTP; the account comes from a claim; every bad token is refused.
 
-mod helpers;
-
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use flotilla::proto::{CreateEnrollmentTokenRequest, ListDropletsRequest, fleet_client::FleetClient};
 use flotilla_control_plane::{auth::Scope, jwt::JwtConfig};
-use helpers::{TestControlPlane, TestDb, fast_timing};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tonic::{Code, Request};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing};
 
 const SECRET: &[u8] = b"super-secret-jwt-token-with-at-least-32-characters-long";
 

@@ -1,15 +1,14 @@
 //! Desired state heals itself: what is changed behind the fleet's back on a droplet is put
 //! back within a sweep (one second in these tests), and every correction says why.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::proto::{
     ContainerState, DeploymentSpec, ListCommandsRequest, StopDeploymentRequest, command_record::State,
 };
-use helpers::{
-    TestDb,
+
+use crate::helpers::{
+    self, TestDb,
     deploy::{Online, WITHIN, create, deployment, docker_ids, docker_inspect, test_server_spec, wait_state},
     wait_for,
 };

@@ -1,6 +1,5 @@
 //! What the end-to-end tests share: a fresh database per test, a real control plane on
 //! port 0, real agents, and real gRPC clients over real TLS.
-#![allow(dead_code)]
 
 pub mod deploy;
 pub mod process;
@@ -669,6 +668,7 @@ pub async fn tls_verdict(
 }
 
 /// The `p` quantile (0..=1) of sorted samples, for the benchmarks' figures.
+#[allow(dead_code, reason = "only the benchmarks (benches/) use it")]
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]

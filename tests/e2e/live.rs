@@ -1,8 +1,6 @@
 //! Live requests through the API, answered by the droplet's agent from the real Docker
 //! engine: logs (tail, follow, slow readers, cancellation), inspect, health checked now.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::proto::{
@@ -10,12 +8,13 @@ use flotilla::proto::{
     RestartPolicy, TailLogsRequest, health_check, log_chunk::Stream, restart_policy,
 };
 use futures::StreamExt as _;
-use helpers::{
-    TestControlPlane, TestDb,
+use tonic::Code;
+
+use crate::helpers::{
+    self, TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, docker_inspect, seconds, test_server_spec, wait_state, with_env},
     fast_timing, wait_for,
 };
-use tonic::Code;
 
 fn tail(id: &str, tail: u32, follow: bool) -> TailLogsRequest {
     TailLogsRequest { deployment_id: id.into(), tail, since: None, follow }

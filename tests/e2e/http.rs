@@ -1,17 +1,16 @@
 //! The fleet API over HTTP/JSON, with a real HTTP client: the same objects, errors and
 //! authorisation as gRPC, on the same port.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla_control_plane::auth::Scope;
-use helpers::{
-    TestControlPlane, TestDb, api_key,
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    self, TestControlPlane, TestDb, api_key,
     deploy::{IMAGE, Online},
     fast_timing,
 };
-use serde_json::{Value, json};
 
 /// A JSON client of one control plane's HTTP side, calling with one key.
 struct Http {

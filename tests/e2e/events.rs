@@ -1,15 +1,14 @@
 //! `WatchEvents`: a stream a client can leave and resume with nothing missed and nothing
 //! seen twice, even though event ids commit out of order.
 
-mod helpers;
-
 use std::{collections::HashSet, time::Duration};
 
 use flotilla::proto::{Event, WatchEventsRequest};
 use flotilla_control_plane::auth::Scope;
 use futures::StreamExt as _;
-use helpers::{TestControlPlane, TestDb, fast_timing};
 use uuid::Uuid;
+
+use crate::helpers::{self, TestControlPlane, TestDb, fast_timing};
 
 async fn insert(
     db: impl sqlx::PgExecutor<'_>,

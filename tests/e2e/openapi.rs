@@ -3,8 +3,6 @@
 //! document allows (and what it forbids) to a live control plane and holds every answer
 //! to the document. `scripts/test.sh` installs both (PyPI); without them the test fails.
 
-mod helpers;
-
 use std::{
     path::Path,
     process::{Command, Output, Stdio},
@@ -12,8 +10,9 @@ use std::{
 };
 
 use flotilla_control_plane::auth::Scope;
-use helpers::{TestControlPlane, TestDb, fast_timing};
 use serde_json::{Value, json};
+
+use crate::helpers::{self, TestControlPlane, TestDb, fast_timing};
 
 /// Cases per operation and phase; with the fixed seed the run is the same every time.
 const MAX_EXAMPLES: &str = "15";

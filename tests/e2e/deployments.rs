@@ -1,8 +1,6 @@
 //! A deployment made through the API runs on the droplet: the control plane stores it,
 //! the agent runs it on the real Docker engine and reports the container back.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{
@@ -12,12 +10,13 @@ use flotilla::{
         RestartPolicy, health_check, restart_policy,
     },
 };
-use helpers::{
+use tonic::Code;
+
+use crate::helpers::{
     TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, deploy_and_wait_healthy, deployment, docker_inspect, seconds, test_server_spec},
     fast_timing, wait_for,
 };
-use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyhow::Result<()> {

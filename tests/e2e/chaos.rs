@@ -2,8 +2,6 @@
 //! restarted at random: every command ends in a final state, and none is applied twice,
 //! as Docker and the agents' own records show, not only the database.
 
-mod helpers;
-
 use std::{collections::HashMap, time::Duration};
 
 use flotilla::{
@@ -13,8 +11,9 @@ use flotilla::{
         StartDeploymentRequest, WaitCommandRequest, command_record::State,
     },
 };
-use helpers::{
-    TestDb,
+
+use crate::helpers::{
+    self, TestDb,
     deploy::{Cleanup, DockerEvents, test_server_spec},
     process::{Balancer, ControlPlaneProcess},
 };

@@ -1,13 +1,12 @@
 //! Certificates are short-lived and renewed over the open session; CAs rotate without
 //! cutting droplets off.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::{DropletId, proto::DropletStatus};
 use flotilla_control_plane::pki::Authorities;
-use helpers::{TestControlPlane, TestDb, droplet_of, fast_timing, new_master_key, temp_dir, wait_for};
+
+use crate::helpers::{TestControlPlane, TestDb, droplet_of, fast_timing, new_master_key, temp_dir, wait_for};
 
 const WITHIN: Duration = Duration::from_secs(30);
 

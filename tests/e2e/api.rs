@@ -1,10 +1,9 @@
 //! The fleet API over real gRPC: droplets by id and by page, and clear errors.
 
-mod helpers;
-
 use flotilla::proto::{DropletStatus, GetDropletRequest, ListDropletsRequest};
-use helpers::{TestControlPlane, TestDb, fast_timing};
 use tonic::Code;
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing};
 
 async fn insert_droplets(db: &TestDb, n: usize, status: &str) -> anyhow::Result<Vec<uuid::Uuid>> {
     let mut ids = Vec::new();

@@ -2,16 +2,15 @@
 //! wrong, scopes, and accounts fenced from one another (another account's id answers
 //! exactly as a missing one does).
 
-mod helpers;
-
 use flotilla::proto::{
     CreateApiKeyRequest, CreateEnrollmentTokenRequest, DeleteDropletRequest, GetDropletRequest, ListApiKeysRequest,
     ListDeploymentsRequest, ListDropletsRequest, ListEnrollmentTokensRequest, RevokeApiKeyRequest,
     UpdateDropletLabelsRequest, fleet_client::FleetClient,
 };
 use flotilla_control_plane::auth::{self, Scope};
-use helpers::{TestControlPlane, TestDb, fast_timing};
 use tonic::{Code, Request};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing};
 
 /// A droplet of `account`, made through the API with a key of that account.
 async fn droplet_of(cp: &TestControlPlane, account: &str) -> anyhow::Result<String> {

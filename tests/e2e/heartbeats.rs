@@ -1,12 +1,11 @@
 //! Heartbeats are cheap: they live in the owning control plane's memory and reach
 //! PostgreSQL in one batched statement per flush interval, not one write each.
 
-mod helpers;
-
 use std::time::Duration;
 
 use flotilla::DropletId;
-use helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
+
+use crate::helpers::{TestControlPlane, TestDb, fast_timing, wait_for};
 
 const AGENTS: usize = 200;
 

@@ -1,8 +1,6 @@
 //! A droplet joins with a one-time token and the CA's pin, and nothing else. Every bad
 //! token is refused with its own status, and a refusal changes nothing in the database.
 
-mod helpers;
-
 use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
 use flotilla::{
@@ -10,8 +8,11 @@ use flotilla::{
     proto::{DropletStatus, EnrollRequest, HostFacts, RevokeEnrollmentTokenRequest, enrollment_token::State},
 };
 use flotilla_agent::enroll::{self, Trust};
-use helpers::{TestControlPlane, TestDb, csr, droplet_of, enroll_client, fast_timing, new_master_key, temp_dir};
 use tonic::Code;
+
+use crate::helpers::{
+    self, TestControlPlane, TestDb, csr, droplet_of, enroll_client, fast_timing, new_master_key, temp_dir,
+};
 
 const WITHIN: Duration = Duration::from_secs(20);
 

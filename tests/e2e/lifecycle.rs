@@ -2,19 +2,18 @@
 //! generation, a retry after a crash loop, host ports shared between deployments, and an
 //! out-of-memory kill reported as such. All against the real Docker engine.
 
-mod helpers;
-
 use flotilla::proto::{
     ContainerState, CreateDeploymentRequest, DeploymentSpec, EnvVar, GetDeploymentRequest, PortPublication,
     RemoveDeploymentRequest, Resources, RestartDeploymentRequest, RestartPolicy, StartDeploymentRequest,
     StopDeploymentRequest, UpdateDeploymentRequest, deployment::DesiredState, restart_policy,
 };
-use helpers::{
+use tonic::Code;
+
+use crate::helpers::{
     TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec, wait_state},
     fast_timing, wait_for,
 };
-use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_start_restart_and_remove_through_the_api() -> anyhow::Result<()> {

@@ -2,14 +2,16 @@
 //! package `deno`, installed by `scripts/test.sh`) against a live control plane with one
 //! connected droplet: it must deploy the test MCP server, see it healthy and list its tools.
 
-mod helpers;
-
 use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::Context as _;
 use flotilla_control_plane::auth::Scope;
-use helpers::deploy::{IMAGE, Online};
 use serde_json::{Value, json};
+
+use crate::helpers::{
+    self,
+    deploy::{IMAGE, Online},
+};
 
 /// Where the example is printed, verbatim: the README.
 const DOCS: &[&str] = &["README.md"];
