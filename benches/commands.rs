@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
         ..fast_timing()
     };
     // Two calls per command: well above the API's default per-key rate limit.
-    let cp = TestControlPlane::start_limited(&db.pool, timing, 1_000_000).await?;
+    let cp = TestControlPlane::builder(&db.pool).timing(timing).per_second(1_000_000).start().await?;
     let mut agents = Vec::new();
     let mut deployments = Vec::new();
     let mut cleanups = Vec::new();

@@ -3,7 +3,7 @@
 use flotilla::proto::{DropletStatus, GetDropletRequest, ListDropletsRequest};
 use tonic::Code;
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{TestControlPlane, TestDb};
 
 async fn insert_droplets(db: &TestDb, n: usize, status: &str) -> anyhow::Result<Vec<uuid::Uuid>> {
     let mut ids = Vec::new();
@@ -22,7 +22,7 @@ async fn insert_droplets(db: &TestDb, n: usize, status: &str) -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_droplet_names_what_is_wrong() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut fleet = cp.fleet().await?;
 
     let status = fleet.get_droplet(GetDropletRequest { id: "not-a-uuid".into() }).await.expect_err("bad id");
@@ -44,7 +44,7 @@ async fn get_droplet_names_what_is_wrong() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_droplets_pages_through_everything_once_in_a_stable_order() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut fleet = cp.fleet().await?;
     let mut expected = insert_droplets(&db, 25, "offline").await?;
     expected.extend(insert_droplets(&db, 5, "pending").await?);

@@ -10,7 +10,7 @@ use flotilla::proto::{
 use flotilla_control_plane::auth::{self, Scope};
 use tonic::{Code, Request};
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{TestControlPlane, TestDb};
 
 /// A droplet of `account`, made through the API with a key of that account.
 async fn droplet_of(cp: &TestControlPlane, account: &str) -> anyhow::Result<String> {
@@ -32,7 +32,7 @@ fn get(id: &str, authorization: Option<&str>) -> Request<GetDropletRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_credential_is_refused_with_unauthenticated() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = droplet_of(&cp, "default").await?;
     let mut bare = FleetClient::new(cp.channel().await?);
 
@@ -77,7 +77,7 @@ async fn every_bad_credential_is_refused_with_unauthenticated() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_reaches_only_its_own_account_and_its_scope() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let ours = droplet_of(&cp, "acme").await?;
     let theirs = droplet_of(&cp, "globex").await?;
     let mut acme = cp.fleet_as("acme", Scope::Write).await?;
@@ -152,7 +152,7 @@ async fn a_key_reaches_only_its_own_account_and_its_scope() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admins_create_list_and_revoke_keys_and_the_key_is_shown_once() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut admin = cp.fleet().await?;
     let created = admin
         .create_api_key(CreateApiKeyRequest {
@@ -206,7 +206,7 @@ async fn admins_create_list_and_revoke_keys_and_the_key_is_shown_once() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_are_replaced_checked_and_selected() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut fleet = cp.fleet().await?;
     let a = droplet_of(&cp, "default").await?;
     let b = droplet_of(&cp, "default").await?;

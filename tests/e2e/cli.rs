@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;
 
-use crate::helpers::{self, TestControlPlane, TestDb, deploy::Online, fast_timing};
+use crate::helpers::{self, TestControlPlane, TestDb, deploy::Online};
 
 /// The CLI configured for one control plane, as an operator's environment would be.
 struct Cli {
@@ -107,7 +107,7 @@ async fn missing_configuration_is_a_usage_error() -> anyhow::Result<()> {
 #[tokio::test]
 async fn droplets_are_created_listed_labelled_and_deleted() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let cli = Cli::new(&cp);
 
     let created =
@@ -163,7 +163,7 @@ async fn droplets_are_created_listed_labelled_and_deleted() -> anyhow::Result<()
 #[tokio::test]
 async fn listing_pages_through_every_droplet() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut made = Vec::new();
     for _ in 0..5 {
         made.push(cp.pending_droplet().await?.to_string());
@@ -180,7 +180,7 @@ async fn listing_pages_through_every_droplet() -> anyhow::Result<()> {
 #[tokio::test]
 async fn api_errors_have_distinct_exit_codes() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let cli = Cli::new(&cp);
 
     let unknown_key = Cli::with_key(&cp, "fk_not_a_key").run(&["ps"]).await?;

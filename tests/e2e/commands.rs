@@ -29,7 +29,7 @@ async fn wait(cp: &TestControlPlane, id: &str) -> anyhow::Result<CommandRecord> 
 /// A control plane and a droplet that has no agent yet.
 async fn offline() -> anyhow::Result<(TestDb, TestControlPlane, DropletId, Cleanup)> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = cp.pending_droplet().await?;
     Ok((db, cp, droplet, Cleanup(droplet)))
 }
@@ -146,7 +146,7 @@ async fn the_same_idempotency_key_makes_one_command_even_at_the_same_moment() ->
 async fn an_agent_killed_between_applying_a_command_and_reporting_it_answers_the_repeat_from_its_record()
 -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let token = cp.token(None).await?;
     let droplet: DropletId = token.enrollment_token.unwrap_or_default().droplet_id.parse()?;
     let _cleanup = Cleanup(droplet);
@@ -240,7 +240,7 @@ async fn finished_commands_and_events_past_the_retention_are_pruned_and_open_one
         prune_interval: Duration::from_millis(200),
         ..fast_timing()
     };
-    let cp = TestControlPlane::start(&db.pool, timing).await?;
+    let cp = TestControlPlane::builder(&db.pool).timing(timing).start().await?;
     let droplet = cp.pending_droplet().await?;
     let open = create(&cp, droplet, test_server_spec()).await?;
     let recent = create(&cp, droplet, test_server_spec()).await?;

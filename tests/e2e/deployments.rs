@@ -15,7 +15,7 @@ use tonic::Code;
 use crate::helpers::{
     TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, deploy_and_wait_healthy, deployment, docker_inspect, seconds, test_server_spec},
-    fast_timing, wait_for,
+    wait_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +73,7 @@ async fn a_deployment_made_through_the_api_ends_running_on_the_droplet() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_spec_is_refused_with_every_bad_field_named_and_nothing_stored() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = cp.pending_droplet().await?;
     let mut spec = test_server_spec();
     spec.privileged = true;

@@ -10,16 +10,14 @@ use flotilla::{
 use flotilla_agent::enroll::{self, Trust};
 use tonic::Code;
 
-use crate::helpers::{
-    self, TestControlPlane, TestDb, csr, droplet_of, enroll_client, fast_timing, new_master_key, temp_dir,
-};
+use crate::helpers::{self, TestControlPlane, TestDb, csr, droplet_of, enroll_client, new_master_key, temp_dir};
 
 const WITHIN: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_droplet_made_from_a_token_alone_comes_online_and_keeps_its_certificate() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let created = cp.token(None).await?;
     let token = created.enrollment_token.clone().unwrap_or_default();
     let droplet: DropletId = token.droplet_id.parse()?;
@@ -71,7 +69,7 @@ async fn enroll_with(cp: &TestControlPlane, token: &str) -> Result<flotilla::pro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_each_with_its_status_and_change_nothing() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
 
     // Malformed.
     let status = enroll_with(&cp, "not-a-token").await.expect_err("malformed");
@@ -125,7 +123,7 @@ async fn bad_tokens_are_refused_each_with_its_status_and_change_nothing() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_csr_asking_for_another_droplet_gets_a_certificate_for_the_tokens_droplet() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let created = cp.token(None).await?;
     let mine: DropletId = created.enrollment_token.clone().unwrap_or_default().droplet_id.parse()?;
     let theirs = DropletId::new();
@@ -148,7 +146,7 @@ async fn a_csr_asking_for_another_droplet_gets_a_certificate_for_the_tokens_drop
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_pinned_to_another_ca_sends_nothing() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let created = cp.token(None).await?;
     let other = flotilla_control_plane::pki::Ca::generate("another fleet")?;
 
@@ -168,8 +166,8 @@ async fn an_agent_pinned_to_another_ca_sends_nothing() -> anyhow::Result<()> {
 async fn one_token_spent_100_times_at_once_on_two_control_planes_enrolls_once() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let key = new_master_key();
-    let one = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), Duration::from_secs(3600)).await?;
-    let two = TestControlPlane::start_with(&db.pool, fast_timing(), key, Duration::from_secs(3600)).await?;
+    let one = TestControlPlane::builder(&db.pool).master_key(key.clone()).start().await?;
+    let two = TestControlPlane::builder(&db.pool).master_key(key).start().await?;
     let token = one.token(None).await?.token;
 
     let mut calls = tokio::task::JoinSet::new();
@@ -201,8 +199,8 @@ async fn two_control_planes_started_at_once_on_an_empty_database_make_one_ca() -
     let key = new_master_key();
     let validity = Duration::from_secs(3600);
     let (one, two) = tokio::join!(
-        TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), validity),
-        TestControlPlane::start_with(&db.pool, fast_timing(), key, validity),
+        TestControlPlane::builder(&db.pool).master_key(key.clone()).cert_validity(validity).start(),
+        TestControlPlane::builder(&db.pool).master_key(key).cert_validity(validity).start(),
     );
     let (one, two) = (one?, two?);
     let cas: i64 = sqlx::query_scalar("SELECT count(*) FROM certificate_authorities").fetch_one(&db.pool).await?;
@@ -217,7 +215,7 @@ async fn two_control_planes_started_at_once_on_an_empty_database_make_one_ca() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_valid_certificate_or_a_token_the_agent_says_what_to_do() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
 
     // Nothing at all.
     let empty = temp_dir("flotilla-agent");

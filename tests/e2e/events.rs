@@ -8,7 +8,7 @@ use flotilla_control_plane::auth::Scope;
 use futures::StreamExt as _;
 use uuid::Uuid;
 
-use crate::helpers::{self, TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{self, TestControlPlane, TestDb};
 
 async fn insert(
     db: impl sqlx::PgExecutor<'_>,
@@ -49,7 +49,7 @@ fn follow(cursor: &str) -> WatchEventsRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_commits_late_is_neither_skipped_nor_repeated() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut fleet = cp.fleet().await?;
     let mut stream = fleet.watch_events(follow("")).await?.into_inner();
 
@@ -78,7 +78,7 @@ async fn an_event_that_commits_late_is_neither_skipped_nor_repeated() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_disconnects_and_resumes_sees_every_event_once() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut fleet = cp.fleet().await?;
     let start = fleet.watch_events(follow("")).await?.into_inner();
     drop(start);
@@ -139,7 +139,7 @@ async fn a_watcher_that_disconnects_and_resumes_sees_every_event_once() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_accounts_and_catching_up_without_follow() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mine = Uuid::parse_str(&cp.pending_droplet().await?.to_string())?;
     sqlx::query("INSERT INTO accounts (name) VALUES ('globex')").execute(&db.pool).await?;
     insert(&db.pool, "default", Some(mine), "test.container.start", "mine").await?;

@@ -5,7 +5,7 @@ use std::{process::Command, time::Duration};
 
 use flotilla::{DropletId, proto::DropletStatus};
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{TestControlPlane, TestDb};
 
 fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("grpcurl").args(args).output().map_err(|e| {
@@ -18,7 +18,7 @@ fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_the_api_and_sees_the_connected_droplet_online() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let agent = cp.agent(droplet).await?;
     cp.await_status(droplet, DropletStatus::Online, Duration::from_secs(20)).await?;

@@ -19,7 +19,7 @@ async fn heartbeats_from_200_agents_are_written_in_batches() -> anyhow::Result<(
         reconnect_grace: Duration::from_secs(60),
         ..fast_timing()
     };
-    let cp = TestControlPlane::start(&db.pool, timing).await?;
+    let cp = TestControlPlane::builder(&db.pool).timing(timing).start().await?;
     // No Docker engine for these agents: 200 of them would only measure the engine.
     let mut agents = Vec::with_capacity(AGENTS);
     for _ in 0..AGENTS {

@@ -214,82 +214,91 @@ impl Stopped {
             enroll: TcpListener::bind(enroll).await?,
             api: TcpListener::bind(api).await?,
         };
-        TestControlPlane::start_on(
-            &self.pool,
-            self.timing,
-            self.data_dir,
-            self.master_key,
-            self.cert_validity,
-            self.api,
-            listeners,
-        )
+        Builder {
+            pool: self.pool,
+            timing: self.timing,
+            master_key: self.master_key,
+            cert_validity: self.cert_validity,
+            api: self.api,
+            per_second: None,
+            data_dir: Some(self.data_dir),
+            listeners: Some(listeners),
+        }
+        .start()
         .await
     }
 }
 
-pub fn new_master_key() -> Arc<MasterKey> {
-    Arc::new(MasterKey::from_bytes(&rand::random::<[u8; 32]>()).expect("32 bytes make a key"))
+/// How a test control plane starts: [`TestControlPlane::builder`], then what differs from
+/// the defaults (the tests' fast clocks, a new master key, hour-long droplet
+/// certificates, [`ApiOptions::default`]), then `start()`.
+pub struct Builder {
+    pool: PgPool,
+    timing: Timing,
+    master_key: Arc<MasterKey>,
+    cert_validity: Duration,
+    api: ApiOptions,
+    per_second: Option<u32>,
+    /// Where a stopped control plane kept its files and listened: set only by
+    /// [`Stopped::start_again`].
+    data_dir: Option<PathBuf>,
+    listeners: Option<Listeners>,
 }
 
-impl TestControlPlane {
-    pub async fn start(pool: &PgPool, timing: Timing) -> anyhow::Result<Self> {
-        Self::start_with(pool, timing, new_master_key(), Duration::from_secs(3600)).await
+impl Builder {
+    /// Liveness clocks, instead of [`fast_timing`].
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
     }
 
-    /// A control plane with a given master key (the same key: another process of the same
-    /// fleet) and droplet certificate lifetime.
-    pub async fn start_with(
-        pool: &PgPool,
-        timing: Timing,
-        master_key: Arc<MasterKey>,
-        cert_validity: Duration,
-    ) -> anyhow::Result<Self> {
-        Self::start_full(pool, timing, master_key, cert_validity, ApiOptions::default()).await
+    /// A given master key: the same key makes another process of the same fleet.
+    pub fn master_key(mut self, master_key: Arc<MasterKey>) -> Self {
+        self.master_key = master_key;
+        self
     }
 
-    /// A control plane allowing `per_second` API requests per key.
-    pub async fn start_limited(pool: &PgPool, timing: Timing, per_second: u32) -> anyhow::Result<Self> {
-        let rate = NonZeroU32::new(per_second).context("a rate above zero")?;
-        let api = ApiOptions { rate, ..ApiOptions::default() };
-        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
+    /// How long the droplet certificates it issues are valid.
+    pub fn cert_validity(mut self, cert_validity: Duration) -> Self {
+        self.cert_validity = cert_validity;
+        self
     }
 
-    /// A control plane with these API options.
-    pub async fn start_with_api(pool: &PgPool, timing: Timing, api: ApiOptions) -> anyhow::Result<Self> {
-        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
+    /// These API options, in place of the defaults (and of `jwt` set before).
+    pub fn api(mut self, api: ApiOptions) -> Self {
+        self.api = api;
+        self
     }
 
-    /// A control plane that also accepts JWTs as `jwt` says.
-    pub async fn start_with_jwt(
-        pool: &PgPool,
-        timing: Timing,
-        jwt: flotilla_control_plane::jwt::JwtConfig,
-    ) -> anyhow::Result<Self> {
-        let api = ApiOptions { jwt: Some(jwt), ..ApiOptions::default() };
-        Self::start_full(pool, timing, new_master_key(), Duration::from_secs(3600), api).await
+    /// Allows `per_second` API requests per key (above zero, checked at `start`).
+    pub fn per_second(mut self, per_second: u32) -> Self {
+        self.per_second = Some(per_second);
+        self
     }
 
-    async fn start_full(
-        pool: &PgPool,
-        timing: Timing,
-        master_key: Arc<MasterKey>,
-        cert_validity: Duration,
-        api: ApiOptions,
-    ) -> anyhow::Result<Self> {
-        let bind = || TcpListener::bind("127.0.0.1:0");
-        let listeners = Listeners { agent: bind().await?, enroll: bind().await?, api: bind().await? };
-        Self::start_on(pool, timing, temp_dir("flotilla-cp"), master_key, cert_validity, api, listeners).await
+    /// Also accepts JWTs as `jwt` says.
+    pub fn jwt(mut self, jwt: flotilla_control_plane::jwt::JwtConfig) -> Self {
+        self.api.jwt = Some(jwt);
+        self
     }
 
-    async fn start_on(
-        pool: &PgPool,
-        timing: Timing,
-        data_dir: PathBuf,
-        master_key: Arc<MasterKey>,
-        cert_validity: Duration,
-        api: ApiOptions,
-        listeners: Listeners,
-    ) -> anyhow::Result<Self> {
+    /// Serves on port 0 (or where it served before it stopped) and waits until the API
+    /// answers.
+    pub async fn start(self) -> anyhow::Result<TestControlPlane> {
+        let Self { pool: owned_pool, timing, master_key, cert_validity, mut api, per_second, data_dir, listeners } =
+            self;
+        let pool = &owned_pool;
+        if let Some(per_second) = per_second {
+            api.rate = NonZeroU32::new(per_second).context("a rate above zero")?;
+        }
+        let listeners = match listeners {
+            Some(listeners) => listeners,
+            None => {
+                let bind = || TcpListener::bind("127.0.0.1:0");
+                Listeners { agent: bind().await?, enroll: bind().await?, api: bind().await? }
+            }
+        };
+        let data_dir = data_dir.unwrap_or_else(|| temp_dir("flotilla-cp"));
         let agent_addr = listeners.agent.local_addr()?;
         let enroll_addr = listeners.enroll.local_addr()?;
         let api_addr = listeners.api.local_addr()?;
@@ -315,7 +324,7 @@ impl TestControlPlane {
             listeners,
             stop.clone().cancelled_owned(),
         ));
-        let cp = Self {
+        let cp = TestControlPlane {
             agent_addr,
             enroll_addr,
             api_addr,
@@ -335,6 +344,26 @@ impl TestControlPlane {
         })
         .await?;
         Ok(cp)
+    }
+}
+
+pub fn new_master_key() -> Arc<MasterKey> {
+    Arc::new(MasterKey::from_bytes(&rand::random::<[u8; 32]>()).expect("32 bytes make a key"))
+}
+
+impl TestControlPlane {
+    /// A control plane on `pool`, to set up and `start()`.
+    pub fn builder(pool: &PgPool) -> Builder {
+        Builder {
+            pool: pool.clone(),
+            timing: fast_timing(),
+            master_key: new_master_key(),
+            cert_validity: Duration::from_secs(3600),
+            api: ApiOptions::default(),
+            per_second: None,
+            data_dir: None,
+            listeners: None,
+        }
     }
 
     /// Graceful shutdown, as on SIGTERM.

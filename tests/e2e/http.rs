@@ -9,7 +9,6 @@ use serde_json::{Value, json};
 use crate::helpers::{
     self, TestControlPlane, TestDb, api_key,
     deploy::{IMAGE, Online},
-    fast_timing,
 };
 
 /// A JSON client of one control plane's HTTP side, calling with one key.
@@ -63,7 +62,7 @@ fn assert_error(answer: &(u16, Value), status: u16, code: &str, message_starts: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let admin = Http::new(&cp, Some(&cp.admin_key));
 
     // Health and readiness need no key.
@@ -254,7 +253,7 @@ async fn droplets_and_tokens_through_http_with_every_kind_of_bad_request() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_its_rate_gets_429_with_retry_after() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start_limited(&db.pool, fast_timing(), 2).await?;
+    let cp = TestControlPlane::builder(&db.pool).per_second(2).start().await?;
     let admin = Http::new(&cp, Some(&cp.admin_key));
     let mut limited = None;
     // Two a second with bursts of four: ten at once cannot all pass.

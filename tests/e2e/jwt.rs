@@ -8,7 +8,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tonic::{Code, Request};
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{TestControlPlane, TestDb};
 
 const SECRET: &[u8] = b"super-secret-jwt-token-with-at-least-32-characters-long";
 
@@ -69,7 +69,7 @@ async fn supabase_tokens_are_accepted_for_their_account_and_bad_ones_refused() -
         account_claim: "app_metadata.flotilla_account".into(),
         scope: Scope::Write,
     };
-    let cp = TestControlPlane::start_with_jwt(&db.pool, fast_timing(), config).await?;
+    let cp = TestControlPlane::builder(&db.pool).jwt(config).start().await?;
     // A droplet of the account the users belong to, and one of another account.
     let acme = cp.fleet_as("acme", Scope::Write).await?;
     let mut acme = acme;
@@ -147,7 +147,7 @@ async fn supabase_tokens_are_accepted_for_their_account_and_bad_ones_refused() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_jwt_settings_tokens_are_refused_naming_why() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let mut bare = FleetClient::new(cp.channel().await?);
     let token = hs256(&claims("default", "authenticated", 600), SECRET)?;
     let status = bare.list_droplets(list(&token)).await.expect_err("no JWT settings");

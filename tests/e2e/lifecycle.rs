@@ -12,7 +12,7 @@ use tonic::Code;
 use crate::helpers::{
     TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, deployment, docker_ids, docker_inspect, seconds, test_server_spec, wait_state},
-    fast_timing, wait_for,
+    wait_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +165,7 @@ async fn a_restart_retries_a_deployment_that_crash_looped() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_port_taken_by_another_deployment_on_the_droplet_is_refused() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = cp.pending_droplet().await?;
     let publish = |host_port| PortPublication { container_port: 8080, host_port, ..Default::default() };
     let first = create(&cp, droplet, DeploymentSpec { ports: vec![publish(18080)], ..test_server_spec() }).await?;

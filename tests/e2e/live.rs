@@ -13,7 +13,7 @@ use tonic::Code;
 use crate::helpers::{
     self, TestControlPlane, TestDb,
     deploy::{Online, WITHIN, create, docker_inspect, seconds, test_server_spec, wait_state, with_env},
-    fast_timing, wait_for,
+    wait_for,
 };
 
 fn tail(id: &str, tail: u32, follow: bool) -> TailLogsRequest {
@@ -280,7 +280,7 @@ async fn inspect_and_check_health_answer_live_from_the_droplet() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_of_a_deployment_on_a_droplet_without_a_session_fail_at_once() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = cp.pending_droplet().await?;
     let created = create(&cp, droplet, test_server_spec()).await?;
     let status = cp.fleet().await?.tail_logs(tail(&created.id, 0, true)).await.expect_err("no session");

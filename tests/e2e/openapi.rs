@@ -12,7 +12,7 @@ use std::{
 use flotilla_control_plane::auth::Scope;
 use serde_json::{Value, json};
 
-use crate::helpers::{self, TestControlPlane, TestDb, fast_timing};
+use crate::helpers::{self, TestControlPlane, TestDb};
 
 /// Cases per operation and phase; with the fixed seed the run is the same every time.
 const MAX_EXAMPLES: &str = "15";
@@ -137,7 +137,7 @@ parameters = {{ "path.id" = "{spare_key}" }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_valid_and_the_live_api_keeps_to_it() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let ca_file = cp.api_ca_file();
     let client = helpers::http_client(Some(&std::fs::read_to_string(&ca_file)?))?;
     let base = cp.api_url();

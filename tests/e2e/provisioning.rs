@@ -16,7 +16,7 @@ use flotilla_control_plane::{
     provisioning::Providers,
 };
 
-use crate::helpers::{ApiOptions, TestControlPlane, TestDb, deploy, fast_timing, wait_for};
+use crate::helpers::{ApiOptions, TestControlPlane, TestDb, deploy, wait_for};
 
 /// The agent image `scripts/images.sh` builds.
 const AGENT_IMAGE: &str = "flotilla-agent:latest";
@@ -65,12 +65,8 @@ fn local_options(agent_image: &str, timeout: Duration) -> anyhow::Result<ApiOpti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_droplet_enrolls_runs_an_mcp_server_and_is_destroyed_whole() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start_with_api(
-        &db.pool,
-        fast_timing(),
-        local_options(AGENT_IMAGE, Duration::from_secs(120))?,
-    )
-    .await?;
+    let cp =
+        TestControlPlane::builder(&db.pool).api(local_options(AGENT_IMAGE, Duration::from_secs(120))?).start().await?;
     let mut fleet = cp.fleet().await?;
     let request = CreateDropletRequest {
         provider: "local".into(),
@@ -136,7 +132,7 @@ async fn a_droplet_whose_agent_never_connects_ends_in_error_with_nothing_left() 
     let db = TestDb::new().await?;
     // An image that runs but is no agent: it never enrolls.
     let options = local_options(deploy::IMAGE, Duration::from_secs(4))?;
-    let cp = TestControlPlane::start_with_api(&db.pool, fast_timing(), options).await?;
+    let cp = TestControlPlane::builder(&db.pool).api(options).start().await?;
     let mut fleet = cp.fleet().await?;
     let created = fleet
         .create_droplet(CreateDropletRequest { provider: "local".into(), ..Default::default() })

@@ -12,7 +12,7 @@ use flotilla_control_plane::pki::Ca;
 use rustls::AlertDescription;
 use time::OffsetDateTime;
 
-use crate::helpers::{self, TestControlPlane, TestDb, fast_timing, hello};
+use crate::helpers::{self, TestControlPlane, TestDb, hello};
 
 /// Dials the agent port with `client` (a certificate and key, or none), trusting the real
 /// CA, and returns how the server ended the connection.
@@ -32,7 +32,7 @@ async fn assert_no_rows(db: &TestDb) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_is_refused_at_the_handshake() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let other = Ca::generate("someone else's CA")?;
     let now = OffsetDateTime::now_utc();
     let issued =
@@ -48,7 +48,7 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused_at_the_handshake() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let now = OffsetDateTime::now_utc();
     let issued =
         cp.ca().await?.issue_agent(DropletId::new(), now - time::Duration::hours(2), now - time::Duration::hours(1))?;
@@ -63,7 +63,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_client_certificate_at_all_is_refused_at_the_handshake() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
 
     let outcome = handshake(&cp, None).await?;
     assert_eq!(outcome, Err(rustls::Error::AlertReceived(AlertDescription::CertificateRequired)));
@@ -75,7 +75,7 @@ async fn no_client_certificate_at_all_is_refused_at_the_handshake() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_naming_no_droplet_is_closed_before_any_request() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     // Chains to the right CA, but is a server certificate with DNS names only.
     let issued = cp.ca().await?.issue_server(&["localhost".into()], Duration::from_secs(3600))?;
 
@@ -92,7 +92,7 @@ async fn a_certificate_naming_no_droplet_is_closed_before_any_request() -> anyho
 async fn a_valid_certificate_completes_the_handshake() -> anyhow::Result<()> {
     // The control for the refusals above: the same probe succeeds with good credentials.
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let creds = cp.credentials(DropletId::new()).await?;
     let outcome = handshake(&cp, Some((creds.cert_pem, creds.key_pem))).await?;
     assert_eq!(outcome, Ok(()));
@@ -103,7 +103,7 @@ async fn a_valid_certificate_completes_the_handshake() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_two_minor_versions_away_gets_a_goodbye_naming_the_version_to_run() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let ours = flotilla::protocol::CURRENT;
     for theirs in [
         ProtocolVersion { major: ours.major + 1, minor: 0 },

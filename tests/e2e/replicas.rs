@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::helpers::{
     self, TestControlPlane, TestDb,
     deploy::{Cleanup, create, test_server_spec, wait_state},
-    fast_timing, hello, new_master_key,
+    hello, new_master_key,
 };
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -23,8 +23,8 @@ const WITHIN: Duration = Duration::from_secs(60);
 async fn two(db: &TestDb) -> anyhow::Result<(TestControlPlane, TestControlPlane)> {
     let key = new_master_key();
     let validity = Duration::from_secs(3600);
-    let a = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), validity).await?;
-    let b = TestControlPlane::start_with(&db.pool, fast_timing(), key, validity).await?;
+    let a = TestControlPlane::builder(&db.pool).master_key(key.clone()).cert_validity(validity).start().await?;
+    let b = TestControlPlane::builder(&db.pool).master_key(key).cert_validity(validity).start().await?;
     Ok((a, b))
 }
 
@@ -61,7 +61,11 @@ async fn a_change_made_through_another_replica_runs_through_the_one_holding_the_
 
     // Starting another replica leaves A's sessions alone.
     let before = session_row(&db, droplet).await?;
-    let c = TestControlPlane::start_with(&db.pool, fast_timing(), b.master_key.clone(), b.cert_validity).await?;
+    let c = TestControlPlane::builder(&db.pool)
+        .master_key(b.master_key.clone())
+        .cert_validity(b.cert_validity)
+        .start()
+        .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(session_row(&db, droplet).await?, before, "the session stays A's");
     agent.stop().await?;
@@ -98,7 +102,7 @@ async fn a_newer_session_on_another_replica_closes_the_older_one() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_three_new_sessions_in_eight_seconds_are_refused_with_a_retry_hint() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let creds = cp.credentials(droplet).await?;
     for n in 1..=3 {

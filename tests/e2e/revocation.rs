@@ -10,7 +10,7 @@ use flotilla::{
 use rustls::AlertDescription;
 use tonic::Code;
 
-use crate::helpers::{self, RawSession, TestControlPlane, TestDb, fast_timing, hello, new_master_key};
+use crate::helpers::{self, RawSession, TestControlPlane, TestDb, hello, new_master_key};
 
 async fn handshake(
     cp: &TestControlPlane,
@@ -36,7 +36,7 @@ async fn expect_revoked_goodbye(session: &mut RawSession) -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_droplet_closes_its_session_and_refuses_its_certificate() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let creds = cp.credentials(droplet).await?;
     assert_eq!(handshake(&cp, &creds).await?, Ok(()), "the certificate works before");
@@ -69,8 +69,8 @@ async fn a_revoked_certificate_is_cut_off_on_every_control_plane() -> anyhow::Re
     let db = TestDb::new().await?;
     let key = new_master_key();
     let validity = Duration::from_secs(3600);
-    let one = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), validity).await?;
-    let two = TestControlPlane::start_with(&db.pool, fast_timing(), key, validity).await?;
+    let one = TestControlPlane::builder(&db.pool).master_key(key.clone()).cert_validity(validity).start().await?;
+    let two = TestControlPlane::builder(&db.pool).master_key(key).cert_validity(validity).start().await?;
     let droplet = DropletId::new();
     let creds = one.credentials(droplet).await?;
     let mut session = one.raw_session_with(&creds, hello()).await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use flotilla::{DropletId, proto::DropletStatus};
 use flotilla_control_plane::pki::Authorities;
 
-use crate::helpers::{TestControlPlane, TestDb, droplet_of, fast_timing, new_master_key, temp_dir, wait_for};
+use crate::helpers::{TestControlPlane, TestDb, droplet_of, new_master_key, temp_dir, wait_for};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -28,7 +28,7 @@ async fn one_session_outlives_three_certificate_rotations_without_a_heartbeat_ga
     let db = TestDb::new().await?;
     // Certificates live 6 s (backdated 1.5 s, whole seconds): the agent renews at a random
     // 50-80% of that, 1.25-4.5 s after each is issued.
-    let cp = TestControlPlane::start_with(&db.pool, fast_timing(), new_master_key(), Duration::from_secs(6)).await?;
+    let cp = TestControlPlane::builder(&db.pool).cert_validity(Duration::from_secs(6)).start().await?;
     let created = cp.token(None).await?;
     let droplet: DropletId = created.enrollment_token.clone().unwrap_or_default().droplet_id.parse()?;
     let dir = temp_dir("flotilla-agent");
@@ -90,7 +90,11 @@ async fn a_ca_rotation_reaches_agents_before_the_old_ca_is_retired() -> anyhow::
     let db = TestDb::new().await?;
     let key = new_master_key();
     // Short certificates so the agent renews under the new CA during the test.
-    let cp = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), Duration::from_secs(4)).await?;
+    let cp = TestControlPlane::builder(&db.pool)
+        .master_key(key.clone())
+        .cert_validity(Duration::from_secs(4))
+        .start()
+        .await?;
     let old_ca = cp.ca().await?.sha256_pin();
     let created = cp.token(None).await?;
     let droplet: DropletId = created.enrollment_token.clone().unwrap_or_default().droplet_id.parse()?;

@@ -12,7 +12,7 @@ use flotilla::{DropletId, proto::DropletStatus};
 use flotilla_control_plane::crypto::MasterKey;
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing, temp_dir, wait_for};
+use crate::helpers::{TestControlPlane, TestDb, temp_dir, wait_for};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -57,7 +57,8 @@ async fn no_token_or_key_appears_in_trace_logs_or_reaches_the_database() -> anyh
     let master_bytes: [u8; 32] = rand::random();
     let master = Arc::new(MasterKey::from_bytes(&master_bytes)?);
     // Short certificates, so a renewal (a second CSR) happens too.
-    let cp = TestControlPlane::start_with(&db.pool, fast_timing(), master, Duration::from_secs(6)).await?;
+    let cp =
+        TestControlPlane::builder(&db.pool).master_key(master).cert_validity(Duration::from_secs(6)).start().await?;
     let created = cp.token(None).await?;
     let droplet: DropletId = created.enrollment_token.clone().unwrap_or_default().droplet_id.parse()?;
     let dir = temp_dir("flotilla-agent");

@@ -11,7 +11,7 @@ use flotilla::{
     },
 };
 
-use crate::helpers::{TestControlPlane, TestDb, fast_timing, hello, wait_for};
+use crate::helpers::{TestControlPlane, TestDb, hello, wait_for};
 
 const WITHIN: Duration = Duration::from_secs(20);
 
@@ -27,7 +27,7 @@ fn docker_server_version() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_agent_makes_its_droplet_online_with_real_host_facts() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let agent = cp.agent(droplet).await?;
 
@@ -72,7 +72,7 @@ fn sysinfo_hostname() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_agent_leaves_its_droplet_offline_once_the_grace_has_passed() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let agent = cp.agent(droplet).await?;
     cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
@@ -99,7 +99,7 @@ async fn a_stopped_agent_leaves_its_droplet_offline_once_the_grace_has_passed() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_turns_unreachable_and_comes_back_with_a_heartbeat() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     // A client that says Hello and then nothing, with its connection held open.
     let mut session = cp.raw_session(droplet, hello()).await?;
@@ -133,7 +133,7 @@ fn prost_types_duration(d: Duration) -> prost_types::Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reconnects_by_itself_after_the_control_plane_restarts() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let agent = cp.agent(droplet).await?;
     let before = cp.await_status(droplet, DropletStatus::Online, WITHIN).await?;
@@ -161,7 +161,7 @@ async fn the_agent_reconnects_by_itself_after_the_control_plane_restarts() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_says_goodbye_with_a_reconnect_hint_within_the_spread() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let mut session = cp.raw_session(droplet, hello()).await?;
     session.next().await?; // Welcome
@@ -182,7 +182,7 @@ async fn shutdown_says_goodbye_with_a_reconnect_hint_within_the_spread() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_session_for_the_same_droplet_displaces_the_first() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
-    let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+    let cp = TestControlPlane::builder(&db.pool).start().await?;
     let droplet = DropletId::new();
     let mut first = cp.raw_session(droplet, hello()).await?;
     first.next().await?;

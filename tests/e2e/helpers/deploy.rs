@@ -11,7 +11,7 @@ use flotilla::{
     },
 };
 
-use super::{TestAgent, TestControlPlane, TestDb, fast_timing, wait_for};
+use super::{TestAgent, TestControlPlane, TestDb, wait_for};
 
 pub const WITHIN: Duration = Duration::from_secs(60);
 pub const IMAGE: &str = "flotilla-test/mcp-server:latest";
@@ -58,7 +58,7 @@ pub struct Online {
 impl Online {
     pub async fn start() -> anyhow::Result<Self> {
         let db = TestDb::new().await?;
-        let cp = TestControlPlane::start(&db.pool, fast_timing()).await?;
+        let cp = TestControlPlane::builder(&db.pool).start().await?;
         let droplet = DropletId::new();
         let _cleanup = Cleanup(droplet);
         let agent = cp.agent(droplet).await?;
