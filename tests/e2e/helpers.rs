@@ -604,6 +604,26 @@ impl TestAgent {
     }
 }
 
+/// For a test that installs process-wide state (the global tracing subscriber): runs the
+/// test `name` (`area::test`) again, alone in a process of its own (this binary, `--exact`),
+/// and fails if it fails there. True in that process, where the test does its work.
+pub async fn alone(name: &str) -> anyhow::Result<bool> {
+    const ALONE: &str = "FLOTILLA_TEST_ALONE";
+    if std::env::var_os(ALONE).is_some() {
+        return Ok(true);
+    }
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", name, "--nocapture"])
+        .env(ALONE, name)
+        .output()
+        .await
+        .context("running the test alone")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(output.status.success(), "{name}, alone in a process, failed ({}):\n{text}", output.status);
+    anyhow::ensure!(text.contains("1 passed"), "{name} did not run alone:\n{text}");
+    Ok(false)
+}
+
 /// Polls `check` until it says true, failing with `what` after `within`. For waiting on
 /// eventual states, never for asserting speed.
 pub async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<()>

@@ -128,7 +128,9 @@ impl ControlPlaneProcess {
 
     async fn ready(&mut self) -> anyhow::Result<()> {
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.fleet().await.is_err() {
+        // An answered call, not only a connection: the process binds its ports before the
+        // server starts (and writes its replica id).
+        while !self.serving().await {
             if let Some(status) = self.child.0.as_mut().map(Child::try_wait).transpose()?.flatten() {
                 anyhow::bail!("the control-plane process exited ({status}):\n{}", self.log());
             }
@@ -140,6 +142,14 @@ impl ControlPlaneProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
+    }
+
+    async fn serving(&self) -> bool {
+        let request = flotilla::proto::ListDropletsRequest::default();
+        match self.fleet().await {
+            Ok(mut fleet) => fleet.list_droplets(request).await.is_ok(),
+            Err(_) => false,
+        }
     }
 
     pub async fn fleet(&self) -> anyhow::Result<super::Fleet> {
