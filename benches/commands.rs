@@ -6,19 +6,24 @@
 //!
 //!     scripts/bench.sh commands          # starts a throwaway PostgreSQL, then runs this
 
-#[path = "../tests/helpers/mod.rs"]
-mod helpers;
+/// The end-to-end tests' helpers (tests/e2e/helpers.rs and tests/e2e/helpers/), of which a
+/// benchmark uses a part.
+#[path = "../tests/e2e"]
+#[allow(dead_code)]
+mod e2e {
+    pub mod helpers;
+}
 
 use std::time::{Duration, Instant};
 
-use flotilla::{
-    DropletId,
-    proto::{ContainerState, StartDeploymentRequest, WaitCommandRequest, command_record::State},
-};
-use helpers::{
+use e2e::helpers::{
     TestControlPlane, TestDb,
     deploy::{Cleanup, create, test_server_spec, wait_state},
     fast_timing, percentile,
+};
+use flotilla::{
+    DropletId,
+    proto::{ContainerState, StartDeploymentRequest, WaitCommandRequest, command_record::State},
 };
 
 /// Droplets the commands are spread over (`FLOTILLA_BENCH_DROPLETS` to change it).
@@ -34,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
         ..fast_timing()
     };
     // Two calls per command: well above the API's default per-key rate limit.
-    let cp = TestControlPlane::start_limited(&db.pool, timing, 1_000_000).await?;
+    let cp = TestControlPlane::builder(&db.pool).timing(timing).per_second(1_000_000).start().await?;
     let mut agents = Vec::new();
     let mut deployments = Vec::new();
     let mut cleanups = Vec::new();

@@ -4,17 +4,22 @@
 //!
 //!     scripts/bench.sh revocation        # starts a throwaway PostgreSQL, then runs this
 
-#[path = "../tests/helpers/mod.rs"]
-mod helpers;
+/// The end-to-end tests' helpers (tests/e2e/helpers.rs and tests/e2e/helpers/), of which a
+/// benchmark uses a part.
+#[path = "../tests/e2e"]
+#[allow(dead_code)]
+mod e2e {
+    pub mod helpers;
+}
 
 use std::time::{Duration, Instant};
 
+use e2e::helpers::{TestControlPlane, TestDb, hello, new_master_key, percentile};
 use flotilla::{
     DropletId,
     proto::{control_message, goodbye::Reason},
 };
 use flotilla_control_plane::store::{self, Revoke};
-use helpers::{TestControlPlane, TestDb, fast_timing, hello, new_master_key, percentile};
 
 const ROUNDS: usize = 200;
 
@@ -25,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let validity = Duration::from_secs(3600);
     // The session lives on one control plane; the revocation is committed through another
     // connection, as `flotilla-control-plane cert revoke` or another replica would.
-    let owner = TestControlPlane::start_with(&db.pool, fast_timing(), key.clone(), validity).await?;
+    let owner = TestControlPlane::builder(&db.pool).master_key(key.clone()).cert_validity(validity).start().await?;
     let mut samples = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let droplet = DropletId::new();

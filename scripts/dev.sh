@@ -15,7 +15,7 @@ API_LISTEN=${FLOTILLA_API_LISTEN:-127.0.0.1:7080}
 mkdir -p "$DEV/control-plane"
 
 echo "dev: building" >&2
-cargo build --locked -q -p flotilla-control-plane -p flotilla --bin flotilla-control-plane --bin flotilla
+cargo build --locked -q -p flotilla-control-plane -p flotilla-cli --bin flotilla-control-plane --bin flotilla
 # The agent image the local droplet runs and the test MCP server the printed examples
 # deploy (built here: nothing is pulled).
 scripts/images.sh

@@ -179,7 +179,7 @@ impl Http {
             Err(response) => return *response,
         };
         // No field takes a NUL character and PostgreSQL's text cannot hold one: refuse it
-        // here, not as a database failure (503). Found by schemathesis (tests/openapi.rs).
+        // here, not as a database failure (503). Found by schemathesis (tests/e2e/openapi.rs).
         if let Some(field) = nul_in(&fields) {
             return error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", &format!("{field}: contains a NUL character"));
         }
