@@ -145,12 +145,13 @@ impl Session {
             &registry::stored_facts(&hello),
         )
         .await;
-        match claimed {
-            Ok(Claim::Held) => {
+        let epoch = match claimed {
+            Ok(Claim::Held(epoch)) => {
                 // A session of this droplet on another replica is closed by that replica.
-                if let Err(error) = store::announce_session(self.agents.db(), droplet, self.session_id).await {
+                if let Err(error) = store::announce_session(self.agents.db(), droplet, self.session_id, epoch).await {
                     tracing::warn!(%error, "could not announce the session to the other replicas");
                 }
+                epoch
             }
             Ok(Claim::RateLimited(wait)) => {
                 let mut bye = goodbye(
@@ -180,21 +181,30 @@ impl Session {
                     self.outbound.send(Err(Status::unavailable("the control plane's database is unavailable"))).await;
                 return;
             }
-        }
+        };
 
         let end = CancellationToken::new();
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
         let registered = self.agents.sessions.register(
             droplet,
             self.session_id,
+            epoch,
             self.peer.serial.clone(),
             self.outbound.clone(),
             end.clone(),
             wake.clone(),
         );
-        if let Some(old) = registered {
-            tracing::info!(old_session = %old.session_id, "a new session displaced the old one");
-            old.close(goodbye(Reason::Superseded, "a newer session for this droplet took over"));
+        match registered {
+            Ok(Some(old)) => {
+                tracing::info!(old_session = %old.session_id, "a new session displaced the old one");
+                old.close(goodbye(Reason::Superseded, "a newer session for this droplet took over"));
+            }
+            Ok(None) => {}
+            // This session's claim was overtaken before it got here.
+            Err(registry::Stale) => {
+                self.say_goodbye(goodbye(Reason::Superseded, "a newer session for this droplet took over")).await;
+                return;
+            }
         }
         // A revocation that arrived between the handshake and the registration found no
         // session to close; the cache has it by now.

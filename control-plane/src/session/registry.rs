@@ -41,6 +41,8 @@ pub struct Sessions {
 
 struct Entry {
     session_id: Uuid,
+    /// The claim's epoch: a droplet's later session has a larger one.
+    epoch: i64,
     /// The serial of the certificate the session authenticated with.
     serial: String,
     outbound: Outbound,
@@ -77,6 +79,10 @@ pub enum RequestError {
     #[error("the droplet's session is busy: too many requests in flight")]
     Busy,
 }
+
+/// A session whose droplet has a newer session here already.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stale;
 
 /// What a heartbeat changed.
 #[derive(Debug, PartialEq, Eq)]
@@ -143,18 +149,27 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a session, returning the one it displaced for the same droplet.
+    /// Registers a session of claim `epoch`, returning the one it displaced for the same
+    /// droplet; `Err(Stale)` (and nothing registered) when a newer claim's session is here
+    /// already.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &self,
         droplet: DropletId,
         session_id: Uuid,
+        epoch: i64,
         serial: String,
         outbound: Outbound,
         end: CancellationToken,
         wake: Arc<Notify>,
-    ) -> Option<Displaced> {
+    ) -> Result<Option<Displaced>, Stale> {
+        let mut map = self.lock();
+        if map.get(&droplet).is_some_and(|current| current.epoch > epoch) {
+            return Err(Stale);
+        }
         let entry = Entry {
             session_id,
+            epoch,
             serial,
             outbound,
             end,
@@ -164,11 +179,11 @@ impl Sessions {
             requests: PendingRequests::default(),
             wake,
         };
-        self.lock().insert(droplet, entry).map(|old| Displaced {
+        Ok(map.insert(droplet, entry).map(|old| Displaced {
             session_id: old.session_id,
             outbound: old.outbound,
             end: old.end,
-        })
+        }))
     }
 
     /// Removes a session if it is still the droplet's current one; returns its unwritten
@@ -221,11 +236,14 @@ impl Sessions {
         true
     }
 
-    /// Closes the droplet's session here unless it is `session`. Returns whether one was
-    /// closed.
-    pub fn close_unless(&self, droplet: DropletId, session: Uuid, goodbye: Goodbye) -> bool {
+    /// Closes the droplet's session here if it is older than `session`, of claim `epoch`.
+    /// Returns whether one was closed.
+    pub fn close_older(&self, droplet: DropletId, session: Uuid, epoch: i64, goodbye: Goodbye) -> bool {
         let map = self.lock();
-        let Some(entry) = map.get(&droplet).filter(|e| e.session_id != session) else { return false };
+        // An announcement heard late, after a newer session registered here, closes nothing.
+        let Some(entry) = map.get(&droplet).filter(|e| e.session_id != session && e.epoch < epoch) else {
+            return false;
+        };
         send_goodbye(&entry.outbound, &entry.end, goodbye);
         true
     }
@@ -331,7 +349,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let end = CancellationToken::new();
         let id = Uuid::new_v4();
-        assert!(sessions.register(droplet, id, "01".into(), tx, end.clone(), Arc::default()).is_none());
+        assert!(matches!(sessions.register(droplet, id, 1, "01".into(), tx, end.clone(), Arc::default()), Ok(None)));
         (id, rx, end)
     }
 
@@ -369,8 +387,8 @@ mod tests {
         let (old, mut old_rx, old_end) = entry(&sessions, droplet);
         let (tx, _rx) = mpsc::channel(4);
         let new = Uuid::new_v4();
-        let displaced = sessions.register(droplet, new, "02".into(), tx, CancellationToken::new(), Arc::default());
-        let displaced = displaced.expect("the old session is displaced");
+        let displaced = sessions.register(droplet, new, 2, "02".into(), tx, CancellationToken::new(), Arc::default());
+        let displaced = displaced.ok().flatten().expect("the old session is displaced");
         assert_eq!(displaced.session_id, old);
         displaced.close(Goodbye::default());
         assert!(old_end.is_cancelled());
@@ -378,5 +396,42 @@ mod tests {
         assert!(sessions.remove(droplet, old).is_none());
         assert_eq!(sessions.heartbeat(droplet, old, HostLoad::default()), Beat::Unknown);
         assert_eq!(sessions.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_announcement_heard_late_closes_only_older_sessions() {
+        let sessions = Sessions::default();
+        let droplet = DropletId::new();
+        // Session 1 (epoch 1) registered here, then session 2 (epoch 2) took over here too.
+        let (first, _first_rx, _first_end) = entry(&sessions, droplet);
+        let (tx, mut rx) = mpsc::channel(4);
+        let (second, second_end) = (Uuid::new_v4(), CancellationToken::new());
+        let displaced = sessions.register(droplet, second, 2, "02".into(), tx, second_end.clone(), Arc::default());
+        assert!(matches!(displaced, Ok(Some(_))));
+        // The first session's announcement arrives now: it must not close the newer one.
+        assert!(!sessions.close_older(droplet, first, 1, Goodbye::default()));
+        assert!(!second_end.is_cancelled());
+        assert!(rx.try_recv().is_err(), "no goodbye for the newer session");
+        // A third session, on another replica, is newer: this one goes.
+        assert!(sessions.close_older(droplet, Uuid::new_v4(), 3, Goodbye::default()));
+        assert!(second_end.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_session_overtaken_before_it_registers_is_refused() {
+        let sessions = Sessions::default();
+        let droplet = DropletId::new();
+        let (tx, _rx) = mpsc::channel(4);
+        let newer = Uuid::new_v4();
+        assert!(matches!(
+            sessions.register(droplet, newer, 5, "05".into(), tx, CancellationToken::new(), Arc::default()),
+            Ok(None)
+        ));
+        let (tx, _rx) = mpsc::channel(4);
+        let older =
+            sessions.register(droplet, Uuid::new_v4(), 4, "04".into(), tx, CancellationToken::new(), Arc::default());
+        assert_eq!(older.err(), Some(Stale));
+        assert_eq!(sessions.droplets(), vec![droplet]);
+        assert_eq!(sessions.heartbeat(droplet, newer, HostLoad::default()), Beat::Recorded, "the newer one stays");
     }
 }

@@ -74,16 +74,19 @@ pub async fn spawn(
             // A lost notification only delays the close: the old session can no longer
             // send commands (delivery checks the session row) and the agent has moved on.
             let Heard::Notification(notification) = heard else { continue };
-            let Some((droplet, session)) = notification.payload().split_once(':') else { continue };
+            let mut parts = notification.payload().split(':');
+            let (Some(droplet), Some(session)) = (parts.next(), parts.next()) else { continue };
             let (Ok(droplet), Ok(session)) = (droplet.parse::<DropletId>(), Uuid::try_parse(session)) else {
                 continue;
             };
+            // A replica of an earlier version announces no epoch: its session is newer.
+            let epoch = parts.next().and_then(|e| e.parse::<i64>().ok()).unwrap_or(i64::MAX);
             let goodbye = Goodbye {
                 reason: Reason::Superseded as i32,
                 message: "a newer session for this droplet took over".into(),
                 ..Default::default()
             };
-            if listening.close_unless(droplet, session, goodbye) {
+            if listening.close_older(droplet, session, epoch, goodbye) {
                 tracing::info!(droplet_id = %droplet, "a newer session on another replica took over; closed this one");
             }
         }

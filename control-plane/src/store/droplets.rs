@@ -125,7 +125,9 @@ pub struct Facts {
 /// What happened when a session asked to hold a droplet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    Held,
+    /// The session holds the droplet; its epoch orders it among the droplet's sessions
+    /// (a later claim has a larger one).
+    Held(i64),
     /// Too many new sessions for this droplet lately: try again after this long.
     RateLimited(std::time::Duration),
     /// The droplet is being deleted: it may not connect again.
@@ -170,7 +172,7 @@ pub async fn claim_droplet(
         return Ok(Claim::RateLimited(wait));
     }
     let load = &facts.load;
-    let row: Option<(String,)> = sqlx::query_as(
+    let row: Option<(String, i64)> = sqlx::query_as(
         r#"
         INSERT INTO droplets AS d (
             id, account, status, agent_version, protocol_major, protocol_minor,
@@ -212,7 +214,7 @@ pub async fn claim_droplet(
             disconnected_at = NULL,
             status_message = '',
             updated_at = now()
-        RETURNING d.status
+        RETURNING d.status, d.session_epoch
         "#,
     )
     .bind(droplet.as_uuid())
@@ -242,8 +244,8 @@ pub async fn claim_droplet(
     .await?;
     Ok(match row {
         None => Claim::Revoked,
-        Some((status,)) if status == "deleting" => Claim::Deleting,
-        Some(_) => Claim::Held,
+        Some((status, _)) if status == "deleting" => Claim::Deleting,
+        Some((_, epoch)) => Claim::Held(epoch),
     })
 }
 

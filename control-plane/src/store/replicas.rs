@@ -7,7 +7,7 @@ use flotilla::DropletId;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// `NOTIFY` channel: `<droplet>:<session>` now holds the droplet.
+/// `NOTIFY` channel: `<droplet>:<session>:<epoch>` now holds the droplet.
 pub const SESSIONS_CHANNEL: &str = "flotilla_sessions";
 
 /// Records this replica as alive, and releases the sessions it held in an earlier life
@@ -55,11 +55,11 @@ pub async fn holder_api(db: &PgPool, droplet: DropletId, me: Uuid) -> sqlx::Resu
     .await
 }
 
-/// Tells every replica that `session` now holds `droplet` (at commit).
-pub async fn announce_session(db: &PgPool, droplet: DropletId, session: Uuid) -> sqlx::Result<()> {
+/// Tells every replica that `session`, of claim `epoch`, now holds `droplet` (at commit).
+pub async fn announce_session(db: &PgPool, droplet: DropletId, session: Uuid, epoch: i64) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(SESSIONS_CHANNEL)
-        .bind(format!("{droplet}:{session}"))
+        .bind(format!("{droplet}:{session}:{epoch}"))
         .execute(db)
         .await?;
     Ok(())
