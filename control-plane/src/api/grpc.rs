@@ -381,7 +381,7 @@ impl Fleet for FleetApi {
         let created = droplets::create_token(&self.api.fleet, &account, droplet, &request.name, ttl)
             .await
             .map_err(droplet_status)?;
-        tracing::info!(token_id = %created.row.id, by = %caller.principal, "enrollment token created");
+        tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, by = %caller.principal, "enrollment token created");
         Ok(Response::new(CreateEnrollmentTokenResponse {
             token: created.token,
             enrollment_token: Some(token_to_proto(created.row)),
@@ -480,11 +480,11 @@ impl Fleet for FleetApi {
         let made = droplets::create(&self.api.fleet, &account, make, request.labels).await.map_err(droplet_status)?;
         Ok(Response::new(match made {
             droplets::Made::Provisioning(row) => {
-                tracing::info!(droplet_id = %row.id, by = %caller.principal, "droplet provisioning asked");
+                tracing::info!(droplet_id = %row.id, %account, by = %caller.principal, "droplet provisioning");
                 proto::CreateDropletResponse { droplet: Some(droplet_to_proto(row)), ..Default::default() }
             }
             droplets::Made::Brought(brought) => {
-                tracing::info!(droplet_id = %brought.row.id, by = %caller.principal, "droplet created (byo)");
+                tracing::info!(droplet_id = %brought.row.id, %account, by = %caller.principal, "droplet created (byo)");
                 proto::CreateDropletResponse {
                     droplet: Some(droplet_to_proto(brought.row)),
                     token: brought.token,

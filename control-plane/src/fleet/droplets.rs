@@ -111,7 +111,6 @@ pub async fn create(
                         other => DropletError::Database(other),
                     }
                 })?;
-            tracing::info!(droplet_id = %row.id, provider = %name, %account, "droplet provisioning");
             return Ok(Made::Provisioning(row));
         }
         Make::Provider(_) => (String::new(), enrollment::DEFAULT_TTL),
@@ -130,7 +129,6 @@ pub async fn create(
         endpoints.agent_image.clone(),
     );
     let install_command = cloudinit::install_command(&options)?;
-    tracing::info!(droplet_id = %droplet, %account, "droplet created (byo)");
     Ok(Made::Brought(Brought { row, token: created.token, install_command }))
 }
 
@@ -150,7 +148,6 @@ pub async fn create_token(
     };
     let ca = &fleet.authorities.active;
     let created = enrollment::create(&fleet.db, ca, &account, droplet.map(DropletId::from_uuid), name, ttl).await?;
-    tracing::info!(token_id = %created.row.id, droplet_id = %created.row.droplet_id, "enrollment token created");
     Ok(created)
 }
 
